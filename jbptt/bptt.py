@@ -1,0 +1,80 @@
+"""Backpropagation through time: ``jax.value_and_grad`` over the unrolled scan.
+
+This is the reference every other estimator (truncated, online, rematerialised, multi-device, hand-optimised) is
+tested against, so it is kept plain.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+from jax import lax
+
+from jbptt.cells import Cell
+from jbptt.estimator import Batch, GradientEstimator, register_estimator
+from jbptt.losses import LossFn, sequence_loss
+from jbptt.unroll import ScanFn, batch_and_time, unroll
+
+__all__ = ["Batch", "BPTTState", "GradientEstimator", "bptt", "loss_and_outputs", "reference_gradient"]
+
+
+def loss_and_outputs(cell: Cell, loss_fn: LossFn, params, batch: Batch, carry=None, *, unroll_steps: int = 1,
+                     scan: ScanFn | None = None):
+    """Unrolls ``cell`` over ``batch`` and returns ``(loss, (final_carry, ys))``.
+
+    Args:
+      carry: initial carry (default: ``cell.initial_carry(params, (B,))``, so a learned initial carry is trained).
+      unroll_steps: ``lax.scan`` unroll factor.
+      scan: replacement for ``lax.scan`` (see :mod:`jbptt.remat`).
+
+    Returns:
+      ``loss`` (scalar weighted mean per-step loss), ``final_carry`` and ``ys: [B, T, O]``.
+    """
+    final, ys = unroll(cell, params, batch.inputs, carry, seq_lengths=batch.seq_lengths, resets=batch.resets,
+                       unroll=unroll_steps, scan=scan)
+    return sequence_loss(loss_fn, ys, batch.targets, batch.weights(ys.dtype)), (final, ys)
+
+
+def reference_gradient(cell: Cell, loss_fn: LossFn, params, batch: Batch, carry=None):
+    """Plain BPTT ``(loss, grads)`` by ``jax.value_and_grad`` — the reference for tests."""
+    loss, grads = jax.value_and_grad(lambda p: loss_and_outputs(cell, loss_fn, p, batch, carry)[0])(params)
+    return loss, grads
+
+
+class BPTTState(NamedTuple):
+    """State of :func:`bptt`: the carry the next segment starts from (used when ``stateful``)."""
+
+    carry: Any
+
+
+@register_estimator("bptt")
+def bptt(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, unroll_steps: int = 1,
+         scan: ScanFn | None = None) -> GradientEstimator:
+    """Full backpropagation through time as a :class:`GradientEstimator`.
+
+    Args:
+      cell: the cell (include the readout, e.g. :func:`jbptt.cells.with_readout`).
+      loss_fn: per-step loss ``loss_fn(y, target) -> [...]`` (see :mod:`jbptt.losses`).
+      stateful: if True each segment starts from the previous segment's final carry (with the gradient stopped);
+        if False (default) every segment starts from ``cell.initial_carry(params, (B,))``.
+      unroll_steps: ``lax.scan`` unroll factor.
+      scan: replacement for ``lax.scan``, e.g. a checkpointing schedule from :mod:`jbptt.remat`.
+
+    Returns:
+      A :class:`GradientEstimator` whose ``update`` returns the exact gradient of the segment's loss.
+    """
+
+    def init(params, carry):
+        del params
+        return BPTTState(carry)
+
+    def update(params, state, batch):
+        B, _ = batch_and_time(batch.inputs)
+        carry = lax.stop_gradient(state.carry) if stateful else cell.initial_carry(params, (B,))
+        (loss, (final, _)), grads = jax.value_and_grad(
+            lambda p: loss_and_outputs(cell, loss_fn, p, batch, carry, unroll_steps=unroll_steps, scan=scan),
+            has_aux=True)(params)
+        return loss, grads, BPTTState(final if stateful else state.carry)
+
+    return GradientEstimator(init, update)

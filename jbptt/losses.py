@@ -1,0 +1,94 @@
+"""Losses over cell outputs: per-step and final-step, masked, averaged over valid steps only.
+
+A *per-step loss* is an element-wise function ``loss_fn(y, target) -> [...]`` of one output ``y: [..., O]`` and
+its target; the estimators weight it by :func:`loss_weights` and average with :func:`weighted_mean`. Final-step
+losses (classification, regression of a whole sequence) are per-step losses whose weights select each sequence's
+last valid step (:func:`final_step_weights`); auxiliary losses at chosen steps add weights at those steps
+(:func:`step_weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jbptt.unroll import sequence_mask
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def cross_entropy(logits, labels):
+    """Softmax cross-entropy. ``logits: [..., C]``, integer ``labels: [...]``; returns ``[...]`` (nats)."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.asarray(labels, jnp.int32)[..., None], axis=-1)[..., 0]
+    return logz - picked
+
+
+def mse(pred, target):
+    """Squared error averaged over the last axis. ``pred, target: [..., D]``; returns ``[...]``."""
+    return jnp.mean(jnp.square(pred - target), axis=-1)
+
+
+def binary_cross_entropy(logits, target):
+    """Sigmoid cross-entropy averaged over the last axis. ``logits, target: [..., D]``; returns ``[...]``."""
+    return jnp.mean(jnp.logaddexp(0.0, logits) - logits * target, axis=-1)
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse,
+                             "binary_cross_entropy": binary_cross_entropy}
+
+
+def get_loss(name: str) -> LossFn:
+    """Looks a per-step loss up by name, with a clear error listing the choices."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}") from None
+
+
+def loss_weights(B: int, T: int, *, mask=None, seq_lengths=None, dtype=jnp.float32):
+    """Per-step loss weights ``[B, T]``: ``mask`` (default all ones) times the validity of ``seq_lengths``."""
+    w = jnp.ones((B, T), dtype) if mask is None else jnp.broadcast_to(jnp.asarray(mask, dtype), (B, T))
+    if seq_lengths is not None:
+        w = w * sequence_mask(seq_lengths, T).astype(dtype)
+    return w
+
+
+def weighted_mean(values, weights):
+    """``sum(weights * values) / sum(weights)`` over all axes (0 when every weight is 0). Returns a scalar."""
+    total = jnp.sum(weights)
+    return jnp.sum(weights * values) / jnp.where(total > 0, total, 1.0)
+
+
+def final_step_weights(B: int, T: int, seq_lengths=None, dtype=jnp.float32):
+    """``[B, T]`` one-hot weights at each sequence's last valid step (``T - 1`` without ``seq_lengths``)."""
+    last = jnp.full((B,), T - 1) if seq_lengths is None else jnp.asarray(seq_lengths) - 1
+    return jax.nn.one_hot(last, T, dtype=dtype)
+
+
+def step_weights(B: int, T: int, steps: Sequence[int], weights: Sequence[float] | None = None,
+                 dtype=jnp.float32):
+    """``[B, T]`` weights that put ``weights[k]`` (default 1) on time step ``steps[k]``, for auxiliary losses."""
+    w = jnp.zeros((T,), dtype)
+    for k, t in enumerate(steps):
+        w = w.at[t].add(1.0 if weights is None else weights[k])
+    return jnp.broadcast_to(w, (B, T))
+
+
+def final_step(ys, seq_lengths=None):
+    """Each sequence's output at its last valid step. ``ys: [B, T, ...]``; returns ``[B, ...]``."""
+    B, T = ys.shape[:2]
+    last = jnp.full((B,), T - 1) if seq_lengths is None else jnp.asarray(seq_lengths) - 1
+    return ys[jnp.arange(B), last]
+
+
+def sequence_loss(loss_fn: LossFn, ys, targets, weights):
+    """Weighted mean of ``loss_fn(ys, targets)`` over batch and time. ``ys: [B, T, O]``, ``weights: [B, T]``."""
+    return weighted_mean(loss_fn(ys, targets), weights)
+
+
+def accuracy(logits, labels, weights):
+    """Weighted fraction of steps where ``argmax(logits) == labels``. ``logits: [B, T, C]``; returns a scalar."""
+    return weighted_mean((jnp.argmax(logits, -1) == labels).astype(weights.dtype), weights)

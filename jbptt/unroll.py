@@ -1,0 +1,152 @@
+"""Unrolling a cell over time with ``lax.scan``: variable lengths, episode resets, reverse and bidirectional.
+
+Inputs are batch-major: every leaf of ``xs`` is ``[B, T, ...]``. The scan runs time-major internally, and the
+compiled program does not grow with ``T`` (no Python loop over time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jbptt.cells import Cell
+
+ScanFn = Callable[..., tuple[Any, Any]]
+
+
+def batch_where(mask, on_true, on_false):
+    """``jnp.where`` over pytrees with a per-example ``mask: [B]`` broadcast against leaves ``[B, ...]``."""
+
+    def pick(a, b):
+        m = jnp.reshape(mask, mask.shape + (1,) * (jnp.ndim(a) - mask.ndim))
+        return jnp.where(m, a, b)
+
+    return jax.tree.map(pick, on_true, on_false)
+
+
+def time_major(tree):
+    """Swaps the two leading axes of every leaf: ``[B, T, ...] <-> [T, B, ...]``."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), tree)
+
+
+def batch_and_time(xs) -> tuple[int, int]:
+    """Returns ``(B, T)`` read from the first leaf of batch-major ``xs``, with a clear error for bad shapes."""
+    leaves = jax.tree_util.tree_leaves(xs)
+    if not leaves:
+        raise ValueError("unroll: xs has no arrays")
+    shape = jnp.shape(leaves[0])
+    if len(shape) < 2:
+        raise ValueError(f"unroll: xs must be batch-major [B, T, ...]; got an array of shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def sequence_mask(seq_lengths, T: int):
+    """``[B, T]`` booleans, True at the valid steps ``t < seq_lengths[b]`` of right-padded sequences."""
+    return jnp.arange(T)[None, :] < jnp.asarray(seq_lengths)[:, None]
+
+
+def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None, unroll: int = 1,
+           reverse: bool = False, scan: ScanFn | None = None):
+    """Runs ``cell`` over the time axis of ``xs``.
+
+    Args:
+      cell: the :class:`~jbptt.cells.Cell`.
+      params: its parameters.
+      xs: batch-major inputs, a pytree with leaves ``[B, T, ...]`` (e.g. ``[B, T, I]``, or ``(x, keys)`` from
+        :func:`with_step_keys` for dropout).
+      carry: initial carry for batch shape ``(B,)``; default ``cell.initial_carry(params, (B,))``.
+      seq_lengths: ``[B]`` ints for right-padded batches. Outputs at ``t >= seq_lengths[b]`` are zero and the
+        returned carry is each sequence's carry after its last valid step.
+      resets: ``[B, T]`` booleans; the carry is re-initialised (to ``cell.initial_carry``) *before* each flagged
+        step, so several episodes can share one row. In reverse mode an episode starting at ``s`` is entered at its
+        last step, so the carry is reset before step ``t`` when ``resets[:, t + 1]`` is set.
+      unroll: ``lax.scan`` unroll factor.
+      reverse: run from the last step to the first (outputs stay in input order). With ``seq_lengths`` the
+        padded steps come first and leave the carry untouched, so each sequence starts at its own last step.
+      scan: a drop-in replacement for ``lax.scan`` (``scan(body, init, xs, reverse=, unroll=)``), e.g. a
+        rematerialising schedule from :mod:`jbptt.remat`.
+
+    Returns:
+      ``(final_carry, ys)`` with ``ys: [B, T, output_size]``.
+
+    Safe under ``jit``, ``grad``, ``vmap`` and ``jvp``.
+    """
+    B, T = batch_and_time(xs)
+    if carry is None:
+        carry = cell.initial_carry(params, (B,))
+    valid = None if seq_lengths is None else sequence_mask(seq_lengths, T).T  # [T, B]
+    reset_before = None
+    if resets is not None:
+        resets = jnp.asarray(resets, bool)
+        if resets.shape != (B, T):
+            raise ValueError(f"unroll: resets must have shape [B, T] = {(B, T)}, got {resets.shape}")
+        if reverse:
+            resets = jnp.concatenate([resets[:, 1:], jnp.zeros((B, 1), bool)], axis=1)
+        reset_before = resets.T
+        fresh = cell.initial_carry(params, (B,))
+
+    def body(c, inp):
+        x, v, r = inp
+        if r is not None:
+            c = batch_where(r, fresh, c)
+        c_new, y = cell.step(params, c, x)
+        c_new = jax.tree.map(lambda new, old: new.astype(old.dtype), c_new, c)  # keep the carry's dtype
+        if v is not None:
+            c_new = batch_where(v, c_new, c)
+            y = batch_where(v, y, jnp.zeros_like(y))
+        return c_new, y
+
+    scan = lax.scan if scan is None else scan
+    carry, ys = scan(body, carry, (time_major(xs), valid, reset_before), reverse=reverse, unroll=unroll)
+    return carry, time_major(ys)
+
+
+_unroll = unroll  # for callers whose own `unroll` argument shadows the function
+
+
+def with_step_keys(xs, key, *, batch_size: int | None = None):
+    """Pairs inputs with per-example, per-step PRNG keys for dropout in :func:`jbptt.cells.stack`.
+
+    Args:
+      xs: batch-major inputs ``[B, T, ...]``.
+      key: a typed PRNG key (``jax.random.key``).
+
+    Returns:
+      ``(xs, keys)`` with ``keys: [B, T]`` typed keys, to pass as ``xs`` to :func:`unroll`.
+    """
+    B, T = batch_and_time(xs) if batch_size is None else (batch_size, batch_and_time(xs)[1])
+    return xs, jax.random.split(key, (B, T))
+
+
+class Bidirectional(NamedTuple):
+    """A bidirectional layer (built at the unroll level): ``init(key, input_size) -> params`` and
+    ``apply(params, xs, *, seq_lengths=None, resets=None, unroll=1) -> ((carry_fwd, carry_bwd), ys)`` with
+    ``ys: [B, T, O_fwd + O_bwd]`` (forward outputs first)."""
+
+    init: Callable
+    apply: Callable
+    output_size: int
+
+
+def bidirectional(fwd: Cell, bwd: Cell) -> Bidirectional:
+    """Combines a forward and a backward cell into a :class:`Bidirectional` layer.
+
+    With ``seq_lengths`` the backward cell starts at each sequence's last valid step; outputs past the length
+    are zero in both halves.
+    """
+
+    def init(key, input_size):
+        kf, kb = jax.random.split(key)
+        return {"fwd": fwd.init(kf, input_size), "bwd": bwd.init(kb, input_size)}
+
+    def apply(params, xs, *, seq_lengths=None, resets=None, unroll: int = 1):
+        cf, yf = _unroll(fwd, params["fwd"], xs, seq_lengths=seq_lengths, resets=resets, unroll=unroll)
+        cb, yb = _unroll(bwd, params["bwd"], xs, seq_lengths=seq_lengths, resets=resets, unroll=unroll,
+                         reverse=True)
+        return (cf, cb), jnp.concatenate([yf, yb], axis=-1)
+
+    return Bidirectional(init, apply, fwd.output_size + bwd.output_size)
