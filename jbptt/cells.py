@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jbptt import fast
+
 Params = Any
 Carry = Any
 PRNGKey = jax.Array
@@ -38,6 +40,8 @@ class Cell(NamedTuple):
       step: ``step(params, carry, x) -> (carry, y)`` with ``x: [*batch, input_size]`` and ``y: [*batch, output_size]``.
       hidden_size: size of the (real) recurrent state, for diagnostics and influence-size estimates.
       output_size: size of ``y``.
+      layer: optional :class:`Layer`, a whole-sequence implementation of the same recurrence that
+        :func:`jbptt.unroll.unroll` uses instead of scanning ``step`` when nothing blocks it (see :class:`Layer`).
     """
 
     init: Callable[[PRNGKey, int], Params]
@@ -45,6 +49,30 @@ class Cell(NamedTuple):
     step: Callable[[Params, Carry, Any], tuple[Carry, jax.Array]]
     hidden_size: int
     output_size: int
+    layer: Layer | None = None
+
+
+class Layer(NamedTuple):
+    """A fused whole-sequence implementation of a cell's recurrence (the fast path of :func:`jbptt.unroll.unroll`).
+
+    Attributes:
+      step: the per-step function this layer is equivalent to. The layer is used only while
+        ``cell.layer.step is cell.step``, so ``cell._replace(step=new_step)`` silently falls back to scanning
+        ``new_step``.
+      apply: ``apply(params, xs, carry, valid, reset, unroll) -> (carry, ys)`` over time-major ``xs: [T, B, I]``
+        with optional ``valid``/``reset: [T, B]`` masks (``reset`` re-initialises the carry to the cell's
+        ``initial_carry``, which must be zeros; ``ys: [T, B, O]`` must be zero where ``valid`` is False) and
+        ``unroll=None`` meaning "pick your own scan unroll factor".
+    """
+
+    step: Callable
+    apply: Callable
+
+
+def layer_of(cell: Cell) -> Layer | None:
+    """``cell.layer`` when it is valid for ``cell.step`` (see :class:`Layer`), else ``None``."""
+    layer = cell.layer
+    return layer if layer is not None and layer.step is cell.step else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,7 +190,7 @@ def elman(hidden: int, *, activation: str = "tanh", recurrent_init="orthogonal",
 
 
 def lstm(hidden: int, *, forget_bias: float = 1.0, recurrent_init="orthogonal", input_init="lecun",
-         dtype=jnp.float32) -> Cell:
+         dtype=jnp.float32, fused: str | None = "jvp") -> Cell:
     """LSTM with the four gates fused into one matrix product.
 
     Gate layout along the last axis of ``w_x [I, 4H]``, ``w_h [H, 4H]`` and ``b [4H]``: ``[i, f, g, o]`` (input,
@@ -174,6 +202,8 @@ def lstm(hidden: int, *, forget_bias: float = 1.0, recurrent_init="orthogonal", 
     Args:
       hidden: state size H.
       forget_bias: initial value of the forget-gate bias (1.0 as in Jozefowicz et al. 2015).
+      fused: the whole-sequence fast path :func:`jbptt.unroll.unroll` uses (``"jvp"``, ``"vjp"``, ``"hoist"``;
+        see :mod:`jbptt.fast`), or ``None`` to always scan ``step``. It computes the same function as ``step``.
 
     Returns:
       A :class:`Cell` whose carry is ``(h, c)``, each ``[*batch, H]``, and ``y = h'``.
@@ -198,16 +228,33 @@ def lstm(hidden: int, *, forget_bias: float = 1.0, recurrent_init="orthogonal", 
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return (h, c), h
 
-    return Cell(init, initial_carry, step, 2 * hidden, hidden)
+    return Cell(init, initial_carry, step, 2 * hidden, hidden, _fused_layer(step, fast.lstm_layer, fused))
 
 
-def gru(hidden: int, *, recurrent_init="orthogonal", input_init="lecun", dtype=jnp.float32) -> Cell:
+def _fused_layer(step, layer_fn, method: str | None) -> Layer | None:
+    """A :class:`Layer` running ``layer_fn(..., method=method)`` (``None`` when ``method`` is ``None``)."""
+    if method is None:
+        return None
+    fast.check_method(method)
+
+    def apply(params, xs, carry, valid, reset, unroll):
+        return layer_fn(params, xs, carry, valid, reset, unroll=unroll, method=method)
+
+    return Layer(step, apply)
+
+
+def gru(hidden: int, *, recurrent_init="orthogonal", input_init="lecun", dtype=jnp.float32,
+        fused: str | None = "jvp") -> Cell:
     """GRU in the cuDNN / ``flax.linen.GRUCell`` form (reset gate applied after the recurrent product).
 
     Gate layout along the last axis of ``w_x [I, 3H]``, ``w_h [H, 3H]``, ``b_x [3H]``, ``b_h [3H]``: ``[r, z, n]``::
 
         r = sigmoid(x W_xr + b_xr + h W_hr + b_hr);  z = sigmoid(x W_xz + b_xz + h W_hz + b_hz)
         n = tanh(x W_xn + b_xn + r * (h W_hn + b_hn));  h' = (1 - z) * n + z * h
+
+    Args:
+      hidden: state size H.
+      fused: the whole-sequence fast path for :func:`jbptt.unroll.unroll`, as in :func:`lstm`.
 
     Returns:
       A :class:`Cell` with carry ``[*batch, H]`` and ``y = h'``.
@@ -231,7 +278,7 @@ def gru(hidden: int, *, recurrent_init="orthogonal", input_init="lecun", dtype=j
         h = (1.0 - z) * n + z * h
         return h, h
 
-    return Cell(init, _zeros_carry(hidden), step, hidden, hidden)
+    return Cell(init, _zeros_carry(hidden), step, hidden, hidden, _fused_layer(step, fast.gru_layer, fused))
 
 
 def diagonal_linear(hidden: int, output_size: int | None = None, *, complex_valued: bool = True,
@@ -416,7 +463,23 @@ def stack(cells: Sequence[Cell], *, residual: bool = False, dropout_rate: float 
             x = y
         return tuple(new_carry), x
 
-    return Cell(init, initial_carry, step, sum(c.hidden_size for c in cells), cells[-1].output_size)
+    layers = [layer_of(c) for c in cells]
+    layer = None
+    if all(lay is not None for lay in layers):
+        # Layer by layer over the whole sequence. Dropout needs per-step keys, so it only ever runs in `step`
+        # (unroll uses a layer only for plain array inputs, where `step` applies no dropout either).
+        def apply(params, xs, carry, valid, reset, unroll):
+            new_carry, x = [], xs
+            for l, (lay, p, c) in enumerate(zip(layers, params, carry, strict=True)):
+                c, y = lay.apply(p, x, c, valid, reset, unroll)
+                if residual and l > 0 and y.shape[-1] == x.shape[-1]:
+                    y = y + x
+                new_carry.append(c)
+                x = y
+            return tuple(new_carry), x
+
+        layer = Layer(step, apply)
+    return Cell(init, initial_carry, step, sum(c.hidden_size for c in cells), cells[-1].output_size, layer)
 
 
 def _split_batched_keys(key, n: int):
@@ -448,7 +511,15 @@ def with_readout(cell: Cell, output_size: int, *, init=lecun) -> Cell:
         carry, y = cell.step(params["core"], carry, x)
         return carry, y @ params["readout"]["w"] + params["readout"]["b"]
 
-    return Cell(init_fn, initial_carry, step, cell.hidden_size, output_size)
+    core_layer, layer = layer_of(cell), None
+    if core_layer is not None:
+        def apply(params, xs, carry, valid, reset, unroll):  # the readout of all steps is one product
+            carry, ys = core_layer.apply(params["core"], xs, carry, valid, reset, unroll)
+            ys = fast.dense(ys, params["readout"]["w"], params["readout"]["b"])
+            return carry, ys if valid is None else jnp.where(valid[..., None], ys, jnp.zeros((), ys.dtype))
+
+        layer = Layer(step, apply)
+    return Cell(init_fn, initial_carry, step, cell.hidden_size, output_size, layer)
 
 
 def learned_initial_carry(cell: Cell) -> Cell:

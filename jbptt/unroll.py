@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbptt.cells import Cell
+from jbptt.cells import Cell, Layer, layer_of
 
 ScanFn = Callable[..., tuple[Any, Any]]
 
@@ -64,7 +64,8 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
       resets: ``[B, T]`` booleans; the carry is re-initialised (to ``cell.initial_carry``) *before* each flagged
         step, so several episodes can share one row. In reverse mode an episode starting at ``s`` is entered at its
         last step, so the carry is reset before step ``t`` when ``resets[:, t + 1]`` is set.
-      unroll: ``lax.scan`` unroll factor.
+      unroll: ``lax.scan`` unroll factor; on the fused fast path ``1`` (the default) lets the layer pick its own
+        tuned factor.
       reverse: run from the last step to the first (outputs stay in input order). With ``seq_lengths`` the
         padded steps come first and leave the carry untouched, so each sequence starts at its own last step.
       scan: a drop-in replacement for ``lax.scan`` (``scan(body, init, xs, reverse=, unroll=)``), e.g. a
@@ -73,12 +74,19 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
     Returns:
       ``(final_carry, ys)`` with ``ys: [B, T, output_size]``.
 
+    Fast path: when the cell carries a fused :class:`~jbptt.cells.Layer` for its ``step`` (LSTM and GRU by
+    default, and :func:`~jbptt.cells.stack` / :func:`~jbptt.cells.with_readout` of such cells), ``xs`` is a single
+    array and no ``scan`` replacement is given, the whole sequence runs through the layer (see :mod:`jbptt.fast`):
+    same function, same ``seq_lengths`` / ``resets`` / ``reverse`` semantics. Inputs with per-step keys (dropout),
+    a custom ``scan`` (remat schedules) and any other cell fall back to scanning ``cell.step``.
+
     Safe under ``jit``, ``grad``, ``vmap`` and ``jvp``.
     """
     B, T = batch_and_time(xs)
     if carry is None:
         carry = cell.initial_carry(params, (B,))
     valid = None if seq_lengths is None else sequence_mask(seq_lengths, T).T  # [T, B]
+    layer = layer_of(cell)
     reset_before = None
     if resets is not None:
         resets = jnp.asarray(resets, bool)
@@ -88,6 +96,9 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
             resets = jnp.concatenate([resets[:, 1:], jnp.zeros((B, 1), bool)], axis=1)
         reset_before = resets.T
         fresh = cell.initial_carry(params, (B,))
+
+    if layer is not None and scan is None and jax.tree_util.treedef_is_leaf(jax.tree.structure(xs)):
+        return _unroll_layer(layer, params, jnp.asarray(xs), carry, valid, reset_before, unroll, reverse)
 
     def body(c, inp):
         x, v, r = inp
@@ -103,6 +114,15 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
     scan = lax.scan if scan is None else scan
     carry, ys = scan(body, carry, (time_major(xs), valid, reset_before), reverse=reverse, unroll=unroll)
     return carry, time_major(ys)
+
+
+def _unroll_layer(layer: Layer, params, xs, carry, valid, reset, unroll: int, reverse: bool):
+    """The fast path of :func:`unroll`: the cell's fused whole-sequence :class:`~jbptt.cells.Layer`."""
+    flip = (lambda a: None if a is None else jnp.flip(a, axis=0)) if reverse else (lambda a: a)
+    new_carry, ys = layer.apply(params, flip(time_major(xs)), carry, flip(valid), flip(reset),
+                                None if unroll == 1 else unroll)
+    new_carry = jax.tree.map(lambda new, old: new.astype(old.dtype), new_carry, carry)
+    return new_carry, time_major(flip(ys))
 
 
 _unroll = unroll  # for callers whose own `unroll` argument shadows the function

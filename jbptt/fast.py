@@ -1,0 +1,410 @@
+"""Fused, layer-level LSTM and GRU unrolls: the fast path behind :func:`jbptt.unroll.unroll`.
+
+A per-step cell unrolled by ``lax.scan`` does every matrix product one time step at a time, and its autodiff
+backward pass carries the full per-step Jacobian structure. The layer functions here run a whole ``[T, B, I]``
+sequence at once:
+
+``"hoist"``
+    The input projection ``xs W_x + b`` of all time steps is one ``[T*B, I] x [I, G]`` product outside the
+    recurrence; the scan does only ``h W_h``. Differentiated by plain autodiff.
+``"jvp"`` (the default)
+    ``"hoist"`` plus a ``jax.custom_jvp`` rule whose tangent recurrence carries only ``(dh, dc)``: the tangents of
+    the input and weight products are precomputed as large products, and everything inside the tangent scan is
+    an element-wise product with a saved residual or one ``[B, H] x [H, G]`` product. Reverse mode transposes
+    this linear recurrence into the fused backward pass of cuDNN-style RNN libraries: a backward scan that
+    carries ``dL/dh`` (and ``dL/dc``), emits the per-step gate gradients, after which ``dW_x``, ``dW_h``, the
+    biases and ``dL/dxs`` are each one large product. Forward mode (``jax.jvp``) and higher derivatives work.
+``"vjp"``
+    The same backward pass written out by hand as a ``jax.custom_vjp`` (reverse mode only: ``jax.jvp`` of it
+    raises).
+
+Every method computes exactly the plain :func:`jbptt.cells.lstm` / :func:`jbptt.cells.gru` recurrence, with
+``valid`` (sequence lengths) and ``reset`` (episode boundaries, carry re-initialised to zeros before the flagged
+step) masks. Layer functions are time-major: ``xs: [T, B, I]``; they return ``(carry, ys)`` with ``ys: [T, B, H]``,
+zero at steps where ``valid`` is False. Safe under ``jit``, ``grad`` and ``vmap`` (and ``jvp`` except ``"vjp"``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+METHODS = ("hoist", "jvp", "vjp")
+
+
+def auto_unroll(T: int, B: int, H: int) -> int:
+    """The ``lax.scan`` unroll factor the fused layers use when the caller does not ask for one.
+
+    Tuned on a 2-core x86 CPU with ``experiments/bench_throughput.py`` (see ``experiments/PERFORMANCE.md``):
+    unrolling pays while the per-step products are small and stops paying once they dominate.
+    """
+    work = B * H
+    if work <= 32 * 64:
+        return 8
+    if work <= 32 * 256:
+        return 4
+    return 1
+
+
+def check_method(method: str) -> str:
+    """Returns ``method`` if it is one of :data:`METHODS`, else raises one clear error."""
+    if method not in METHODS:
+        raise ValueError(f"unknown fused method {method!r}; choose from {METHODS}")
+    return method
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers shared by both cells.
+
+
+def _col(mask):
+    """``[B]`` booleans -> ``[B, 1]`` for broadcasting against ``[B, H]``."""
+    return mask[:, None]
+
+
+def _entering(outs, init, reset):
+    """The carry entering every step: ``[init, outs[:-1]]`` (``[T, B, H]``), zeroed where ``reset``."""
+    prev = jnp.concatenate([init[None], outs[:-1]], axis=0)
+    return prev if reset is None else jnp.where(reset[..., None], jnp.zeros((), prev.dtype), prev)
+
+
+def _mask_ys(hs, valid):
+    return hs if valid is None else jnp.where(valid[..., None], hs, jnp.zeros((), hs.dtype))
+
+
+def _mm(a, w):
+    """``a [..., K] @ w [K, N]`` as one 2-D product over the flattened leading axes."""
+    return jnp.reshape(jnp.reshape(a, (-1, a.shape[-1])) @ w, (*a.shape[:-1], w.shape[-1]))
+
+
+def dense(a, w, b):
+    """``a [..., K] @ w [K, N] + b [N]`` as one 2-D product over the flattened leading axes."""
+    return _mm(a, w) + b
+
+
+def _tmm(a, b):
+    """``sum_{t,b} a[t, b, :, None] * b[t, b, None, :]``: ``a [..., K]``, ``b [..., N]`` -> ``[K, N]``."""
+    return jnp.reshape(a, (-1, a.shape[-1])).T @ jnp.reshape(b, (-1, b.shape[-1]))
+
+
+def _is_zero(t):
+    return isinstance(t, SymbolicZero)
+
+
+def _scan_inputs(*arrays):
+    """Scan ``xs``: ``None`` entries (absent masks) stay ``None``."""
+    return tuple(arrays)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LSTM: gates [i, f, g, o]; c' = sig(f) c + sig(i) tanh(g); h' = sig(o) tanh(c').
+#
+# With u the tangent of the gate pre-activations z = x W_x + h W_h + b, one step's tangent is
+#   dc' = k_i u_i + k_f u_f + k_g u_g + f dc,   dh' = k_o u_o + q dc'
+# with k = [i'(z_i) g, f'(z_f) c, g'(z_g) i, o'(z_o) tanh(c')] and q = o (1 - tanh(c')^2). The forward scan emits
+# (k, f, q) per step, the only residuals either derivative rule needs: the tangent scan does one element-wise
+# product with k, and its transpose (the backward pass) is
+#   g_c' = g_c + q g_h,   g_u = k * [g_c', g_c', g_c', g_h],   g_c <- f g_c',   g_h <- g_u W_h^T.
+
+
+def _lstm_acts(z):
+    """Gate activations of pre-activations ``z [..., 4H]``: sigmoid on i, f, o and tanh on g (one pass)."""
+    H = z.shape[-1] // 4
+    scale = jnp.concatenate([jnp.ones((2 * H,), z.dtype), jnp.full((H,), 2.0, z.dtype), jnp.ones((H,), z.dtype)])
+    s = jax.nn.sigmoid(z * scale)
+    return s * scale - (scale - 1.0)  # tanh(x) = 2 sigmoid(2x) - 1 on the g block
+
+
+def _lstm_forward(w_h, zx, h0, c0, valid, reset, unroll, residuals: bool):
+    """The recurrence over precomputed input projections ``zx [T, B, 4H]`` (bias included).
+
+    Returns ``((hT, cT), hs)``, or ``((hT, cT), (hs, k, f, q))`` with the derivative residuals (see above) when
+    ``residuals``; ``hs`` are the carries after every step ``[T, B, H]``.
+    """
+
+    def body(carry, inp):
+        h, c = carry
+        z, v, r = inp
+        if r is not None:
+            h = jnp.where(_col(r), jnp.zeros((), h.dtype), h)
+            c = jnp.where(_col(r), jnp.zeros((), c.dtype), c)
+        i, f, g, o = jnp.split(_lstm_acts(z + h @ w_h), 4, axis=-1)
+        c_new = f * c + i * g
+        tc = jnp.tanh(c_new)
+        h_new = o * tc
+        if v is not None:
+            h_new = jnp.where(_col(v), h_new, h)
+            c_new = jnp.where(_col(v), c_new, c)
+        if not residuals:
+            return (h_new, c_new), h_new
+        k = jnp.concatenate([i * (1.0 - i) * g, f * (1.0 - f) * c, (1.0 - g * g) * i, o * (1.0 - o) * tc], -1)
+        return (h_new, c_new), (h_new, k, f, o * (1.0 - tc * tc))
+
+    return lax.scan(body, (h0, c0), (zx, valid, reset), unroll=unroll)
+
+
+def _lstm_hoist(params, xs, h0, c0, valid, reset, unroll):
+    zx = _mm(xs, params["w_x"]) + params["b"]
+    (h, c), hs = _lstm_forward(params["w_h"], zx, h0, c0, valid, reset, unroll, residuals=False)
+    return (h, c), _mask_ys(hs, valid)
+
+
+def _sum_terms(terms, like):
+    """Sum of the non-``None`` arrays in ``terms`` (zeros like ``like`` when there are none)."""
+    out = None
+    for t in terms:
+        if t is not None:
+            out = t if out is None else out + t
+    return jnp.zeros_like(like) if out is None else out
+
+
+def _zero_where(mask, a):
+    return a if mask is None else jnp.where(_col(mask), jnp.zeros((), a.dtype), a)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(7,))
+def _lstm_jvp(w_x, w_h, b, xs, h0, c0, masks, unroll):
+    valid, reset = masks
+    return _lstm_hoist({"w_x": w_x, "w_h": w_h, "b": b}, xs, h0, c0, valid, reset, unroll)
+
+
+def _lstm_jvp_rule(unroll, primals, tangents):
+    w_x, w_h, b, xs, h0, c0, masks = primals
+    dw_x, dw_h, db, dxs, dh0, dc0, _ = tangents
+    valid, reset = masks
+    H = h0.shape[-1]
+    zx = _mm(xs, w_x) + b
+    (hT, cT), (hs, k, f, q) = _lstm_forward(w_h, zx, h0, c0, valid, reset, unroll, residuals=True)
+    # Tangents of the non-recurrent products: a few large products outside the loop.
+    du = _sum_terms([None if _is_zero(dxs) else _mm(dxs, w_x), None if _is_zero(dw_x) else _mm(xs, dw_x),
+                     None if _is_zero(db) else jnp.broadcast_to(db, zx.shape),
+                     None if _is_zero(dw_h) else _mm(_entering(hs, h0, reset), dw_h)], zx)
+    dh = jnp.zeros_like(h0) if _is_zero(dh0) else dh0
+    dc = jnp.zeros_like(c0) if _is_zero(dc0) else dc0
+
+    def body(carry, inp):
+        dh, dc = carry
+        du, k, f, q, v, r = inp
+        dh, dc = _zero_where(r, dh), _zero_where(r, dc)
+        p = k * (du + dh @ w_h)
+        dc_new = p[:, :H] + p[:, H:2 * H] + p[:, 2 * H:3 * H] + f * dc
+        dh_new = p[:, 3 * H:] + q * dc_new
+        if v is not None:
+            dh_new = jnp.where(_col(v), dh_new, dh)
+            dc_new = jnp.where(_col(v), dc_new, dc)
+        return (dh_new, dc_new), dh_new
+
+    (dhT, dcT), dhs = lax.scan(body, (dh, dc), (du, k, f, q, valid, reset), unroll=unroll)
+    return ((hT, cT), _mask_ys(hs, valid)), ((dhT, dcT), _mask_ys(dhs, valid))
+
+
+_lstm_jvp.defjvp(_lstm_jvp_rule, symbolic_zeros=True)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _lstm_vjp(w_x, w_h, b, xs, h0, c0, masks, unroll):
+    valid, reset = masks
+    return _lstm_hoist({"w_x": w_x, "w_h": w_h, "b": b}, xs, h0, c0, valid, reset, unroll)
+
+
+def _lstm_vjp_fwd(w_x, w_h, b, xs, h0, c0, masks, unroll):
+    valid, reset = masks
+    zx = _mm(xs, w_x) + b
+    (hT, cT), (hs, k, f, q) = _lstm_forward(w_h, zx, h0, c0, valid, reset, unroll, residuals=True)
+    return ((hT, cT), _mask_ys(hs, valid)), (w_x, w_h, xs, h0, masks, hs, k, f, q)
+
+
+def _float0_like(masks):
+    return jax.tree.map(lambda m: jnp.zeros(m.shape, jax.dtypes.float0), masks)
+
+
+def _lstm_vjp_bwd(unroll, res, cts):
+    w_x, w_h, xs, h0, masks, hs, k, f, q = res
+    (g_hT, g_cT), g_ys = cts
+    valid, reset = masks
+    w_hT = w_h.T
+
+    def body(carry, inp):
+        g_h, g_c = carry
+        g_y, k, f, q, v, r = inp
+        g_h = g_h + (g_y if v is None else jnp.where(_col(v), g_y, 0.0))  # ys are zero at invalid steps
+        g_hs, g_cs = (g_h, g_c) if v is None else (jnp.where(_col(v), g_h, 0.0), jnp.where(_col(v), g_c, 0.0))
+        g_cn = g_cs + q * g_hs
+        g_u = k * jnp.concatenate([g_cn, g_cn, g_cn, g_hs], axis=-1)
+        g_h_prev, g_c_prev = g_u @ w_hT, f * g_cn
+        if v is not None:
+            g_h_prev = g_h_prev + jnp.where(_col(v), 0.0, g_h)
+            g_c_prev = g_c_prev + jnp.where(_col(v), 0.0, g_c)
+        return (_zero_where(r, g_h_prev), _zero_where(r, g_c_prev)), g_u
+
+    (g_h0, g_c0), g_u = lax.scan(body, (g_hT, g_cT), (g_ys, k, f, q, valid, reset), reverse=True, unroll=unroll)
+    return (_tmm(xs, g_u), _tmm(_entering(hs, h0, reset), g_u), jnp.sum(g_u, axis=(0, 1)), _mm(g_u, w_x.T),
+            g_h0, g_c0, _float0_like(masks))
+
+
+_lstm_vjp.defvjp(_lstm_vjp_fwd, _lstm_vjp_bwd)
+
+
+def lstm_layer(params, xs, carry, valid=None, reset=None, *, unroll: int | None = None, method: str = "jvp"):
+    """Runs the :func:`jbptt.cells.lstm` recurrence over a whole time-major sequence.
+
+    Args:
+      params: ``{"w_x": [I, 4H], "w_h": [H, 4H], "b": [4H]}`` (gate order ``[i, f, g, o]``).
+      xs: ``[T, B, I]`` inputs.
+      carry: ``(h, c)``, each ``[B, H]``.
+      valid: optional ``[T, B]`` booleans; at invalid steps the carry is left unchanged and ``ys`` is zero.
+      reset: optional ``[T, B]`` booleans; the carry is zeroed before flagged steps.
+      unroll: ``lax.scan`` unroll factor (default :func:`auto_unroll`).
+      method: ``"hoist"``, ``"jvp"`` or ``"vjp"`` (see the module docstring).
+
+    Returns:
+      ``((h, c), ys)`` with ``ys: [T, B, H]``.
+    """
+    h0, c0 = carry
+    T, B = xs.shape[:2]
+    unroll = auto_unroll(T, B, h0.shape[-1]) if unroll is None else unroll
+    if check_method(method) == "hoist":
+        return _lstm_hoist(params, xs, h0, c0, valid, reset, unroll)
+    fn = _lstm_jvp if method == "jvp" else _lstm_vjp
+    return fn(params["w_x"], params["w_h"], params["b"], xs, h0, c0, (valid, reset), unroll)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRU (cuDNN form): r, z = sig(x W_x + b_x + h W_h + b_h) blocks; n = tanh(xn + r * hn); h' = (1 - z) n + z h.
+#
+# With s = [s_r, s_z, s_hn] the tangents of the r and z pre-activations and of hn = h W_hn + b_hn, and s_xn that of
+# x W_xn + b_xn, one step's tangent is
+#   dh' = k_r s_r + k_z s_z + k_hn s_hn + m s_xn + z dh
+# with m = (1 - z)(1 - n^2) and k = [m hn r'(.), z'(.)(h - n), m r]. The forward scan emits (k, z, m) per step.
+
+
+def _gru_forward(w_h, b_h, zx, h0, valid, reset, unroll, residuals: bool):
+    """The recurrence over precomputed ``zx [T, B, 3H]`` (``b_x`` included).
+
+    Returns ``(hT, hs)``, or ``(hT, (hs, k, z, m))`` with the derivative residuals (see above) when ``residuals``.
+    """
+
+    def body(h, inp):
+        zx_t, v, r_mask = inp
+        h = _zero_where(r_mask, h)
+        zh = h @ w_h + b_h
+        xr, xz, xn = jnp.split(zx_t, 3, axis=-1)
+        hr, hz, hn = jnp.split(zh, 3, axis=-1)
+        r, z = jnp.split(jax.nn.sigmoid(jnp.concatenate([xr + hr, xz + hz], axis=-1)), 2, axis=-1)
+        n = jnp.tanh(xn + r * hn)
+        h_new = (1.0 - z) * n + z * h
+        if v is not None:
+            h_new = jnp.where(_col(v), h_new, h)
+        if not residuals:
+            return h_new, h_new
+        m = (1.0 - z) * (1.0 - n * n)
+        k = jnp.concatenate([m * hn * r * (1.0 - r), z * (1.0 - z) * (h - n), m * r], axis=-1)
+        return h_new, (h_new, k, z, m)
+
+    return lax.scan(body, h0, (zx, valid, reset), unroll=unroll)
+
+
+def _gru_hoist(params, xs, h0, valid, reset, unroll):
+    zx = _mm(xs, params["w_x"]) + params["b_x"]
+    h, hs = _gru_forward(params["w_h"], params["b_h"], zx, h0, valid, reset, unroll, residuals=False)
+    return h, _mask_ys(hs, valid)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(7,))
+def _gru_jvp(w_x, w_h, b_x, b_h, xs, h0, masks, unroll):
+    valid, reset = masks
+    return _gru_hoist({"w_x": w_x, "w_h": w_h, "b_x": b_x, "b_h": b_h}, xs, h0, valid, reset, unroll)
+
+
+def _gru_jvp_rule(unroll, primals, tangents):
+    w_x, w_h, b_x, b_h, xs, h0, masks = primals
+    dw_x, dw_h, db_x, db_h, dxs, dh0, _ = tangents
+    valid, reset = masks
+    H = h0.shape[-1]
+    zx = _mm(xs, w_x) + b_x
+    hT, (hs, k, z, m) = _gru_forward(w_h, b_h, zx, h0, valid, reset, unroll, residuals=True)
+    dzx = _sum_terms([None if _is_zero(dxs) else _mm(dxs, w_x), None if _is_zero(dw_x) else _mm(xs, dw_x),
+                      None if _is_zero(db_x) else jnp.broadcast_to(db_x, zx.shape)], zx)
+    dzh = _sum_terms([None if _is_zero(dw_h) else _mm(_entering(hs, h0, reset), dw_h),
+                      None if _is_zero(db_h) else jnp.broadcast_to(db_h, zx.shape)], zx)
+    ds = jnp.concatenate([dzx[..., :2 * H] + dzh[..., :2 * H], dzh[..., 2 * H:]], axis=-1)
+    e = m * dzx[..., 2 * H:]  # the non-recurrent term m s_xn, one element-wise pass
+    dh = jnp.zeros_like(h0) if _is_zero(dh0) else dh0
+
+    def body(dh, inp):
+        ds, e, k, z, v, r_mask = inp
+        dh = _zero_where(r_mask, dh)
+        p = k * (ds + dh @ w_h)
+        dh_new = p[:, :H] + p[:, H:2 * H] + p[:, 2 * H:] + e + z * dh
+        if v is not None:
+            dh_new = jnp.where(_col(v), dh_new, dh)
+        return dh_new, dh_new
+
+    dhT, dhs = lax.scan(body, dh, (ds, e, k, z, valid, reset), unroll=unroll)
+    return (hT, _mask_ys(hs, valid)), (dhT, _mask_ys(dhs, valid))
+
+
+_gru_jvp.defjvp(_gru_jvp_rule, symbolic_zeros=True)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _gru_vjp(w_x, w_h, b_x, b_h, xs, h0, masks, unroll):
+    valid, reset = masks
+    return _gru_hoist({"w_x": w_x, "w_h": w_h, "b_x": b_x, "b_h": b_h}, xs, h0, valid, reset, unroll)
+
+
+def _gru_vjp_fwd(w_x, w_h, b_x, b_h, xs, h0, masks, unroll):
+    valid, reset = masks
+    zx = _mm(xs, w_x) + b_x
+    hT, (hs, k, z, m) = _gru_forward(w_h, b_h, zx, h0, valid, reset, unroll, residuals=True)
+    return (hT, _mask_ys(hs, valid)), (w_x, w_h, xs, h0, masks, hs, k, z, m)
+
+
+def _gru_vjp_bwd(unroll, res, cts):
+    w_x, w_h, xs, h0, masks, hs, k, z, m = res
+    g_hT, g_ys = cts
+    valid, reset = masks
+    H = h0.shape[-1]
+    w_hT = w_h.T
+
+    def body(g_h, inp):
+        g_y, k, z, m, v, r_mask = inp
+        g_h = g_h + (g_y if v is None else jnp.where(_col(v), g_y, 0.0))
+        g_hs = g_h if v is None else jnp.where(_col(v), g_h, 0.0)
+        g_s = k * jnp.concatenate([g_hs, g_hs, g_hs], axis=-1)
+        g_h_prev = g_s @ w_hT + z * g_hs
+        if v is not None:
+            g_h_prev = g_h_prev + jnp.where(_col(v), 0.0, g_h)
+        return _zero_where(r_mask, g_h_prev), (g_s, m * g_hs)
+
+    g_h0, (g_s, g_xn) = lax.scan(body, g_hT, (g_ys, k, z, m, valid, reset), reverse=True, unroll=unroll)
+    g_zx = jnp.concatenate([g_s[..., :2 * H], g_xn], axis=-1)
+    return (_tmm(xs, g_zx), _tmm(_entering(hs, h0, reset), g_s), jnp.sum(g_zx, axis=(0, 1)),
+            jnp.sum(g_s, axis=(0, 1)), _mm(g_zx, w_x.T), g_h0, _float0_like(masks))
+
+
+_gru_vjp.defvjp(_gru_vjp_fwd, _gru_vjp_bwd)
+
+
+def gru_layer(params, xs, carry, valid=None, reset=None, *, unroll: int | None = None, method: str = "jvp"):
+    """Runs the :func:`jbptt.cells.gru` recurrence over a whole time-major sequence.
+
+    Args:
+      params: ``{"w_x": [I, 3H], "w_h": [H, 3H], "b_x": [3H], "b_h": [3H]}`` (gate order ``[r, z, n]``).
+      xs: ``[T, B, I]`` inputs.
+      carry: ``h: [B, H]``.
+      valid, reset, unroll, method: as in :func:`lstm_layer`.
+
+    Returns:
+      ``(h, ys)`` with ``ys: [T, B, H]``.
+    """
+    T, B = xs.shape[:2]
+    unroll = auto_unroll(T, B, carry.shape[-1]) if unroll is None else unroll
+    if check_method(method) == "hoist":
+        return _gru_hoist(params, xs, carry, valid, reset, unroll)
+    fn = _gru_jvp if method == "jvp" else _gru_vjp
+    return fn(params["w_x"], params["w_h"], params["b_x"], params["b_h"], xs, carry, (valid, reset), unroll)
