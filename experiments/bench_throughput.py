@@ -13,6 +13,8 @@ Implementations (``--impls``):
   plain   jbptt scanning the per-step cell (``fused=None``)
   flax    ``flax.linen.RNN`` with ``nn.LSTMCell`` / ``nn.GRUCell``
   torch   ``torch.nn.LSTM`` / ``torch.nn.GRU`` (skipped when torch is not importable)
+A jbptt implementation may carry a scan unroll factor, e.g. ``fast:4`` (``fast`` alone lets the fused layer pick
+its tuned factor, ``plain`` alone unrolls 1).
 
 Examples::
 
@@ -73,9 +75,10 @@ def data(T: int, B: int, I: int, H: int):
 
 def make_jbptt(kind: str, impl: str, T: int, B: int, I: int, H: int):
     """A ``run()`` that performs one jbptt training step (bptt estimator + make_train_step + Adam)."""
-    cell = getattr(cells, kind)(H, fused=FUSED[impl])
+    name, _, unroll = impl.partition(":")
+    cell = getattr(cells, kind)(H, fused=FUSED[name])
     params = cell.init(jax.random.key(0), I)
-    est = jbptt.make_estimator("bptt", cell, losses.mse)
+    est = jbptt.make_estimator("bptt", cell, losses.mse, unroll_steps=int(unroll or 1))
     opt = optax.adam(1e-3)
     state = jbptt.train.init_train_state(est, opt, params, cell.initial_carry(params, (B,)))
     step = jax.jit(jbptt.train.make_train_step(est, opt))
@@ -212,7 +215,8 @@ def parse_args(argv=None):
     ap.add_argument("--json", default=None, help="write the results here (atomically)")
     args = ap.parse_args(argv)
     impls = [s for s in args.impls.split(",") if s]
-    bad = [s for s in impls if s not in ALL_IMPLS]
+    bad = [s for s in impls if s.partition(":")[0] not in ALL_IMPLS or (":" in s and (
+        s.partition(":")[0] in ("flax", "torch") or not s.partition(":")[2].isdigit()))]
     if bad:
         ap.error(f"unknown implementation(s) {bad}; choose from {ALL_IMPLS}")
     kinds = [s for s in args.cells.split(",") if s]

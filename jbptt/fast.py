@@ -39,14 +39,11 @@ METHODS = ("hoist", "jvp", "vjp")
 def auto_unroll(T: int, B: int, H: int) -> int:
     """The ``lax.scan`` unroll factor the fused layers use when the caller does not ask for one.
 
-    Tuned on a 2-core x86 CPU with ``experiments/bench_throughput.py`` (see ``experiments/PERFORMANCE.md``):
-    unrolling pays while the per-step products are small and stops paying once they dominate.
+    Measured with ``experiments/bench_throughput.py`` (see ``experiments/PERFORMANCE.md``): on the CPU, unrolling
+    the fused loops did not pay at any grid shape (the loop bodies are already a few large fusions and one
+    product; unrolling only grows the program), so this returns 1.
     """
-    work = B * H
-    if work <= 32 * 64:
-        return 8
-    if work <= 32 * 256:
-        return 4
+    del T, B, H
     return 1
 
 
@@ -89,6 +86,12 @@ def dense(a, w, b):
 def _tmm(a, b):
     """``sum_{t,b} a[t, b, :, None] * b[t, b, None, :]``: ``a [..., K]``, ``b [..., N]`` -> ``[K, N]``."""
     return jnp.reshape(a, (-1, a.shape[-1])).T @ jnp.reshape(b, (-1, b.shape[-1]))
+
+
+def _times_transposed(a, w_t):
+    """``a @ w_t.T`` written so that its transpose (reverse mode) is ``g @ w_t``: a product with the matrix in its
+    stored row-major layout, which the CPU backend runs faster than one that contracts over its last axis."""
+    return lax.dot_general(a, w_t, (((a.ndim - 1,), (1,)), ((), ())))
 
 
 def _is_zero(t):
@@ -185,12 +188,13 @@ def _lstm_jvp_rule(unroll, primals, tangents):
                      None if _is_zero(dw_h) else _mm(_entering(hs, h0, reset), dw_h)], zx)
     dh = jnp.zeros_like(h0) if _is_zero(dh0) else dh0
     dc = jnp.zeros_like(c0) if _is_zero(dc0) else dc0
+    w_hT = w_h.T  # the transposed loop multiplies by w_hT in its stored layout (see _times_transposed)
 
     def body(carry, inp):
         dh, dc = carry
         du, k, f, q, v, r = inp
         dh, dc = _zero_where(r, dh), _zero_where(r, dc)
-        p = k * (du + dh @ w_h)
+        p = k * (du + _times_transposed(dh, w_hT))
         dc_new = p[:, :H] + p[:, H:2 * H] + p[:, 2 * H:3 * H] + f * dc
         dh_new = p[:, 3 * H:] + q * dc_new
         if v is not None:
@@ -334,11 +338,12 @@ def _gru_jvp_rule(unroll, primals, tangents):
     ds = jnp.concatenate([dzx[..., :2 * H] + dzh[..., :2 * H], dzh[..., 2 * H:]], axis=-1)
     e = m * dzx[..., 2 * H:]  # the non-recurrent term m s_xn, one element-wise pass
     dh = jnp.zeros_like(h0) if _is_zero(dh0) else dh0
+    w_hT = w_h.T
 
     def body(dh, inp):
         ds, e, k, z, v, r_mask = inp
         dh = _zero_where(r_mask, dh)
-        p = k * (ds + dh @ w_h)
+        p = k * (ds + _times_transposed(dh, w_hT))
         dh_new = p[:, :H] + p[:, H:2 * H] + p[:, 2 * H:] + e + z * dh
         if v is not None:
             dh_new = jnp.where(_col(v), dh_new, dh)

@@ -78,7 +78,8 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
     default, and :func:`~jbptt.cells.stack` / :func:`~jbptt.cells.with_readout` of such cells), ``xs`` is a single
     array and no ``scan`` replacement is given, the whole sequence runs through the layer (see :mod:`jbptt.fast`):
     same function, same ``seq_lengths`` / ``resets`` / ``reverse`` semantics. Inputs with per-step keys (dropout),
-    a custom ``scan`` (remat schedules) and any other cell fall back to scanning ``cell.step``.
+    a custom ``scan`` (remat schedules), mixed dtypes among ``params``, ``carry`` and ``xs`` and any other cell fall
+    back to scanning ``cell.step``.
 
     Safe under ``jit``, ``grad``, ``vmap`` and ``jvp``.
     """
@@ -97,7 +98,7 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
         reset_before = resets.T
         fresh = cell.initial_carry(params, (B,))
 
-    if layer is not None and scan is None and jax.tree_util.treedef_is_leaf(jax.tree.structure(xs)):
+    if layer is not None and scan is None and _one_dtype(params, carry, xs):
         return _unroll_layer(layer, params, jnp.asarray(xs), carry, valid, reset_before, unroll, reverse)
 
     def body(c, inp):
@@ -114,6 +115,14 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
     scan = lax.scan if scan is None else scan
     carry, ys = scan(body, carry, (time_major(xs), valid, reset_before), reverse=reverse, unroll=unroll)
     return carry, time_major(ys)
+
+
+def _one_dtype(params, carry, xs) -> bool:
+    """True when ``xs`` is a single array and it, ``params`` and ``carry`` share one floating dtype."""
+    if not jax.tree_util.treedef_is_leaf(jax.tree.structure(xs)):
+        return False
+    dtypes = {jnp.result_type(a) for a in jax.tree.leaves((params, carry, xs))}
+    return len(dtypes) == 1 and jnp.issubdtype(dtypes.pop(), jnp.floating)
 
 
 def _unroll_layer(layer: Layer, params, xs, carry, valid, reset, unroll: int, reverse: bool):

@@ -1,0 +1,203 @@
+"""The fused LSTM / GRU layers (jbptt.fast) against the plain per-step autodiff cells, on random inputs."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+import jbptt
+from jbptt import cells, fast, losses
+from jbptt.cells import layer_of
+from jbptt.unroll import unroll
+
+B, T, I, H = 3, 9, 4, 5
+TOL = {jnp.float32: 1e-5, jnp.float64: 1e-10}
+KINDS = {"lstm": cells.lstm, "gru": cells.gru}
+
+
+def _random_problem(kind, dtype, key, masks: bool):
+    plain = KINDS[kind](H, fused=None, dtype=dtype)
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    params = plain.init(k1, I)
+    # Perturb every parameter (biases start at constants) so that every gradient entry is exercised.
+    leaves, tree = jax.tree.flatten(params)
+    params = jax.tree.unflatten(tree, [a + 0.3 * jax.random.normal(k, a.shape, dtype)
+                                       for a, k in zip(leaves, jax.random.split(k2, len(leaves)), strict=True)])
+    xs = jax.random.normal(k3, (B, T, I), dtype)
+    carry = jax.tree.map(lambda a: jax.random.normal(k4, a.shape, dtype), plain.initial_carry(params, (B,)))
+    extra = {}
+    if masks:
+        extra = {"seq_lengths": jnp.array([T, 4, 7]), "resets": jax.random.bernoulli(k5, 0.25, (B, T))}
+    return plain, params, xs, carry, extra
+
+
+def _loss(cell, params, xs, carry, reverse, extra):
+    final, ys = unroll(cell, params, xs, carry, reverse=reverse, **extra)
+    w = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)  # fixed random-looking weights
+    return jnp.sum(w * jnp.tanh(ys)) + sum(jnp.sum(jnp.sin(c)) for c in jax.tree.leaves(final))
+
+
+def _assert_close(a, b, tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+def _grads(cell, params, xs, carry, reverse, extra):
+    return jax.value_and_grad(_loss, argnums=(1, 2, 3))(cell, params, xs, carry, reverse, extra)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("method", fast.METHODS)
+@pytest.mark.parametrize("dtype,masks,reverse", [(jnp.float64, False, False), (jnp.float64, True, True),
+                                                 (jnp.float32, True, False)])
+def test_fused_gradient_matches_plain_cell(kind, method, dtype, masks, reverse, key):
+    """Loss and gradients w.r.t. params, inputs and initial carry equal the per-step cell's (float32 1e-5,
+    float64 1e-10), with sequence lengths, resets and reverse."""
+    plain, params, xs, carry, extra = _random_problem(kind, dtype, key, masks)
+    fused = KINDS[kind](H, fused=method, dtype=dtype)
+    assert layer_of(fused) is not None and layer_of(plain) is None
+    ref = _grads(plain, params, xs, carry, reverse, extra)
+    got = _grads(fused, params, xs, carry, reverse, extra)
+    _assert_close(got, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_forward_mode_through_default_fused_layer(kind, key):
+    """The default method ("jvp") keeps jax.jvp working: tangents equal the plain cell's."""
+    plain, params, xs, carry, extra = _random_problem(kind, jnp.float64, key, masks=True)
+    fused = KINDS[kind](H, dtype=jnp.float64)
+    tangent = jax.tree.map(lambda a: jnp.cos(a), params)
+
+    def f(cell):
+        return jax.jvp(lambda p: unroll(cell, p, xs, carry, **extra), (params,), (tangent,))
+
+    _assert_close(f(fused), f(plain), 1e-10)
+
+
+def test_second_derivative_through_jvp_layer(key):
+    """Hessian-vector products (forward over reverse) work through the custom-JVP layer."""
+    plain, params, xs, carry, extra = _random_problem("lstm", jnp.float64, key, masks=False)
+    fused = cells.lstm(H, dtype=jnp.float64)
+
+    def hvp(cell):
+        g = lambda p: jax.grad(_loss, argnums=1)(cell, p, xs, carry, False, extra)
+        return jax.jvp(g, (params,), (jax.tree.map(jnp.sin, params),))[1]
+
+    _assert_close(hvp(fused), hvp(plain), 1e-9)
+
+
+def test_stack_and_readout_use_the_fused_layers(key):
+    """stack / with_readout of fused cells run layer by layer and match the per-step composition."""
+
+    def build(fused):
+        core = cells.stack([cells.lstm(H, fused=fused, dtype=jnp.float64), cells.gru(H, fused=fused, dtype=jnp.float64)],
+                           residual=True)
+        return cells.with_readout(core, 2)
+
+    fused_cell, plain_cell = build("jvp"), build(None)
+    assert layer_of(fused_cell) is not None and layer_of(plain_cell) is None
+    params = jax.tree.map(lambda a: a + 0.1, plain_cell.init(key, I))
+    _, _, xs, _, extra = _random_problem("lstm", jnp.float64, key, masks=True)
+    carry = plain_cell.initial_carry(params, (B,))
+    _assert_close(_grads(fused_cell, params, xs, carry, True, extra),
+                  _grads(plain_cell, params, xs, carry, True, extra), 1e-10)
+
+
+def test_fallbacks_scan_the_step(key):
+    """A replaced step, per-step keys (dropout), a custom scan and mixed dtypes all fall back to cell.step."""
+    cell = cells.lstm(H, dtype=jnp.float64)
+    params = cell.init(key, I)
+    xs = jax.random.normal(key, (B, T, I))
+    # A replaced step is used, not the stale fused layer.
+    doubled = cell._replace(step=lambda p, c, x: cell.step(p, c, 2.0 * x))
+    assert layer_of(doubled) is None
+    np.testing.assert_allclose(unroll(doubled, params, xs)[1], unroll(cell, params, 2.0 * xs)[1], atol=1e-12)
+    # A custom scan is called (remat schedules plug in here).
+    calls = []
+
+    def my_scan(body, init, xs_, **kw):
+        calls.append(1)
+        return lax.scan(body, init, xs_, **kw)
+
+    np.testing.assert_allclose(unroll(cell, params, xs, scan=my_scan)[1], unroll(cell, params, xs)[1], atol=1e-12)
+    assert calls
+    # Dropout keys in a stack: the per-step path with its dropout.
+    stacked = cells.stack([cells.lstm(H, dtype=jnp.float64), cells.lstm(H, dtype=jnp.float64)], dropout_rate=0.5)
+    sp = stacked.init(key, I)
+    with_keys = jbptt.with_step_keys(xs, jax.random.key(3))
+    _, ys_drop = unroll(stacked, sp, with_keys)
+    _, ys_plain = unroll(stacked, sp, xs)
+    assert not np.allclose(ys_drop, ys_plain)
+    # Mixed dtypes (float32 params, float64 inputs): same result as the per-step path.
+    cell32 = cells.lstm(H)
+    p32 = cell32.init(key, I)
+    np.testing.assert_allclose(unroll(cell32, p32, xs)[1], unroll(cell32._replace(layer=None), p32, xs)[1],
+                               atol=1e-6)
+
+
+def _dots_per_scan(jaxpr):
+    """Number of dot_general equations in the body of every scan in ``jaxpr`` (recursively)."""
+    counts = []
+
+    def visit(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "scan":
+                body = eqn.params["jaxpr"].jaxpr
+                counts.append(sum(e.primitive.name == "dot_general" for e in body.eqns))
+                visit(body)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params) if eqn.primitive.name != "scan" else []:
+                visit(sub)
+
+    visit(jaxpr)
+    return counts
+
+
+@pytest.mark.parametrize("method", ["jvp", "vjp"])
+def test_fused_backward_has_one_product_per_step(method, key):
+    """The structure the speed comes from: each loop of the gradient does exactly one matrix product per step
+    (the weight gradients are taken outside the loop), where plain autodiff does more."""
+    plain, params, xs, carry, _ = _random_problem("lstm", jnp.float32, key, masks=False)
+    fused = cells.lstm(H, fused=method)
+
+    def grad_jaxpr(cell):
+        return jax.make_jaxpr(jax.grad(lambda p: _loss(cell, p, xs, carry, False, {})))(params).jaxpr
+
+    assert _dots_per_scan(grad_jaxpr(fused)) == [1, 1]
+    assert max(_dots_per_scan(grad_jaxpr(plain))) > 1
+
+
+def test_bptt_training_step_matches_plain(key):
+    """The estimator + optimizer path (what bench_throughput.py times) gives the same update with and without
+    the fused layer, stateful across two segments."""
+    results = []
+    for fused in ("jvp", None):
+        cell = cells.with_readout(cells.gru(H, fused=fused, dtype=jnp.float64), 2)
+        params = cell.init(key, I)
+        est = jbptt.make_estimator("bptt", cell, losses.mse, stateful=True)
+        opt = optax.adam(1e-2)
+        state = jbptt.train.init_train_state(est, opt, params, cell.initial_carry(params, (B,)))
+        step = jbptt.train.make_train_step(est, opt)
+        for s in range(2):
+            batch = jbptt.Batch(jax.random.normal(jax.random.fold_in(key, s), (B, T, I)),
+                                jnp.ones((B, T, 2)), seq_lengths=jnp.array([T, 5, 2]))
+            state, metrics = step(state, batch)
+        results.append((state.params, metrics))
+    _assert_close(results[0], results[1], 1e-10)
+
+
+def test_vmap_over_parameter_sets(key):
+    """vmap over a leading axis of parameter sets equals looping (the fused layer is batch-polymorphic)."""
+    cell = cells.lstm(H, dtype=jnp.float64)
+    ps = jax.vmap(lambda k: cell.init(k, I))(jax.random.split(key, 2))
+    xs = jax.random.normal(key, (B, T, I))
+    got = jax.vmap(lambda p: unroll(cell, p, xs)[1])(ps)
+    want = jnp.stack([unroll(cell._replace(layer=None), jax.tree.map(lambda a: a[i], ps), xs)[1] for i in range(2)])
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_unknown_method_is_one_clear_error():
+    with pytest.raises(ValueError, match="unknown fused method"):
+        cells.lstm(4, fused="cudnn")
