@@ -93,8 +93,8 @@ def test_stack_and_readout_use_the_fused_layers(key):
     """stack / with_readout of fused cells run layer by layer and match the per-step composition."""
 
     def build(fused):
-        core = cells.stack([cells.lstm(H, fused=fused, dtype=jnp.float64), cells.gru(H, fused=fused, dtype=jnp.float64)],
-                           residual=True)
+        layers = [cells.lstm(H, fused=fused, dtype=jnp.float64), cells.gru(H, fused=fused, dtype=jnp.float64)]
+        core = cells.stack(layers, residual=True)
         return cells.with_readout(core, 2)
 
     fused_cell, plain_cell = build("jvp"), build(None)
@@ -194,7 +194,8 @@ def test_vmap_over_parameter_sets(key):
     ps = jax.vmap(lambda k: cell.init(k, I))(jax.random.split(key, 2))
     xs = jax.random.normal(key, (B, T, I))
     got = jax.vmap(lambda p: unroll(cell, p, xs)[1])(ps)
-    want = jnp.stack([unroll(cell._replace(layer=None), jax.tree.map(lambda a: a[i], ps), xs)[1] for i in range(2)])
+    plain = cell._replace(layer=None)
+    want = jnp.stack([unroll(plain, jax.tree.map(lambda a, i=i: a[i], ps), xs)[1] for i in range(2)])
     np.testing.assert_allclose(got, want, atol=1e-12)
 
 
