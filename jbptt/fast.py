@@ -122,12 +122,22 @@ def _lstm_acts(z):
     return s * scale - (scale - 1.0)  # tanh(x) = 2 sigmoid(2x) - 1 on the g block
 
 
-def _lstm_forward(w_h, zx, h0, c0, valid, reset, unroll, residuals: bool):
-    """The recurrence over precomputed input projections ``zx [T, B, 4H]`` (bias included).
+def _lstm_forward(w_x, w_h, b, xs, h0, c0, valid, reset, unroll, residuals: bool, hoist: bool):
+    """The recurrence over ``xs [T, B, I]``.
+
+    With ``hoist`` the input projection ``xs W_x + b`` of all steps is one product before the loop; without, each
+    step does one product ``[x_t, h] [W_x; W_h]`` (on the CPU this avoids writing and re-reading the ``[T, B, 4H]``
+    projections, which costs more than the larger per-step product saves; see experiments/PERFORMANCE.md).
 
     Returns ``((hT, cT), hs)``, or ``((hT, cT), (hs, k, f, q))`` with the derivative residuals (see above) when
     ``residuals``; ``hs`` are the carries after every step ``[T, B, H]``.
     """
+    if hoist:
+        seq = _mm(xs, w_x) + b
+        pre = lambda z, h: z + h @ w_h
+    else:
+        seq, w_cat = xs, jnp.concatenate([w_x, w_h], axis=0)
+        pre = lambda x, h: jnp.concatenate([x, h], axis=-1) @ w_cat + b
 
     def body(carry, inp):
         h, c = carry
@@ -135,7 +145,7 @@ def _lstm_forward(w_h, zx, h0, c0, valid, reset, unroll, residuals: bool):
         if r is not None:
             h = jnp.where(_col(r), jnp.zeros((), h.dtype), h)
             c = jnp.where(_col(r), jnp.zeros((), c.dtype), c)
-        i, f, g, o = jnp.split(_lstm_acts(z + h @ w_h), 4, axis=-1)
+        i, f, g, o = jnp.split(_lstm_acts(pre(z, h)), 4, axis=-1)
         c_new = f * c + i * g
         tc = jnp.tanh(c_new)
         h_new = o * tc
@@ -147,12 +157,12 @@ def _lstm_forward(w_h, zx, h0, c0, valid, reset, unroll, residuals: bool):
         k = jnp.concatenate([i * (1.0 - i) * g, f * (1.0 - f) * c, (1.0 - g * g) * i, o * (1.0 - o) * tc], -1)
         return (h_new, c_new), (h_new, k, f, o * (1.0 - tc * tc))
 
-    return lax.scan(body, (h0, c0), (zx, valid, reset), unroll=unroll)
+    return lax.scan(body, (h0, c0), (seq, valid, reset), unroll=unroll)
 
 
-def _lstm_hoist(params, xs, h0, c0, valid, reset, unroll):
-    zx = _mm(xs, params["w_x"]) + params["b"]
-    (h, c), hs = _lstm_forward(params["w_h"], zx, h0, c0, valid, reset, unroll, residuals=False)
+def _lstm_hoist(params, xs, h0, c0, valid, reset, unroll, hoist=True):
+    (h, c), hs = _lstm_forward(params["w_x"], params["w_h"], params["b"], xs, h0, c0, valid, reset, unroll,
+                               residuals=False, hoist=hoist)
     return (h, c), _mask_ys(hs, valid)
 
 
@@ -162,7 +172,7 @@ def _sum_terms(terms, like):
     for t in terms:
         if t is not None:
             out = t if out is None else out + t
-    return jnp.zeros_like(like) if out is None else out
+    return jnp.zeros(like.shape, like.dtype) if out is None else out
 
 
 def _zero_where(mask, a):
@@ -172,7 +182,7 @@ def _zero_where(mask, a):
 @partial(jax.custom_jvp, nondiff_argnums=(7,))
 def _lstm_jvp(w_x, w_h, b, xs, h0, c0, masks, unroll):
     valid, reset = masks
-    return _lstm_hoist({"w_x": w_x, "w_h": w_h, "b": b}, xs, h0, c0, valid, reset, unroll)
+    return _lstm_hoist({"w_x": w_x, "w_h": w_h, "b": b}, xs, h0, c0, valid, reset, unroll, hoist=False)
 
 
 def _lstm_jvp_rule(unroll, primals, tangents):
@@ -180,8 +190,9 @@ def _lstm_jvp_rule(unroll, primals, tangents):
     dw_x, dw_h, db, dxs, dh0, dc0, _ = tangents
     valid, reset = masks
     H = h0.shape[-1]
-    zx = _mm(xs, w_x) + b
-    (hT, cT), (hs, k, f, q) = _lstm_forward(w_h, zx, h0, c0, valid, reset, unroll, residuals=True)
+    (hT, cT), (hs, k, f, q) = _lstm_forward(w_x, w_h, b, xs, h0, c0, valid, reset, unroll, residuals=True,
+                                            hoist=False)
+    zx = jax.ShapeDtypeStruct((*xs.shape[:2], w_h.shape[-1]), w_h.dtype)
     # Tangents of the non-recurrent products: a few large products outside the loop.
     du = _sum_terms([None if _is_zero(dxs) else _mm(dxs, w_x), None if _is_zero(dw_x) else _mm(xs, dw_x),
                      None if _is_zero(db) else jnp.broadcast_to(db, zx.shape),
@@ -212,13 +223,13 @@ _lstm_jvp.defjvp(_lstm_jvp_rule, symbolic_zeros=True)
 @partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _lstm_vjp(w_x, w_h, b, xs, h0, c0, masks, unroll):
     valid, reset = masks
-    return _lstm_hoist({"w_x": w_x, "w_h": w_h, "b": b}, xs, h0, c0, valid, reset, unroll)
+    return _lstm_hoist({"w_x": w_x, "w_h": w_h, "b": b}, xs, h0, c0, valid, reset, unroll, hoist=False)
 
 
 def _lstm_vjp_fwd(w_x, w_h, b, xs, h0, c0, masks, unroll):
     valid, reset = masks
-    zx = _mm(xs, w_x) + b
-    (hT, cT), (hs, k, f, q) = _lstm_forward(w_h, zx, h0, c0, valid, reset, unroll, residuals=True)
+    (hT, cT), (hs, k, f, q) = _lstm_forward(w_x, w_h, b, xs, h0, c0, valid, reset, unroll, residuals=True,
+                                            hoist=False)
     return ((hT, cT), _mask_ys(hs, valid)), (w_x, w_h, xs, h0, masks, hs, k, f, q)
 
 
@@ -286,15 +297,18 @@ def lstm_layer(params, xs, carry, valid=None, reset=None, *, unroll: int | None 
 # with m = (1 - z)(1 - n^2) and k = [m hn r'(.), z'(.)(h - n), m r]. The forward scan emits (k, z, m) per step.
 
 
-def _gru_forward(w_h, b_h, zx, h0, valid, reset, unroll, residuals: bool):
-    """The recurrence over precomputed ``zx [T, B, 3H]`` (``b_x`` included).
+def _gru_forward(w_x, w_h, b_x, b_h, xs, h0, valid, reset, unroll, residuals: bool, hoist: bool):
+    """The recurrence over ``xs [T, B, I]``; ``hoist`` as in :func:`_lstm_forward` (without it each step does
+    the two products ``x_t W_x`` and ``h W_h``).
 
     Returns ``(hT, hs)``, or ``(hT, (hs, k, z, m))`` with the derivative residuals (see above) when ``residuals``.
     """
+    seq = _mm(xs, w_x) + b_x if hoist else xs
 
     def body(h, inp):
-        zx_t, v, r_mask = inp
+        x_t, v, r_mask = inp
         h = _zero_where(r_mask, h)
+        zx_t = x_t if hoist else x_t @ w_x + b_x
         zh = h @ w_h + b_h
         xr, xz, xn = jnp.split(zx_t, 3, axis=-1)
         hr, hz, hn = jnp.split(zh, 3, axis=-1)
@@ -309,19 +323,19 @@ def _gru_forward(w_h, b_h, zx, h0, valid, reset, unroll, residuals: bool):
         k = jnp.concatenate([m * hn * r * (1.0 - r), z * (1.0 - z) * (h - n), m * r], axis=-1)
         return h_new, (h_new, k, z, m)
 
-    return lax.scan(body, h0, (zx, valid, reset), unroll=unroll)
+    return lax.scan(body, h0, (seq, valid, reset), unroll=unroll)
 
 
-def _gru_hoist(params, xs, h0, valid, reset, unroll):
-    zx = _mm(xs, params["w_x"]) + params["b_x"]
-    h, hs = _gru_forward(params["w_h"], params["b_h"], zx, h0, valid, reset, unroll, residuals=False)
+def _gru_hoist(params, xs, h0, valid, reset, unroll, hoist=True):
+    h, hs = _gru_forward(params["w_x"], params["w_h"], params["b_x"], params["b_h"], xs, h0, valid, reset, unroll,
+                         residuals=False, hoist=hoist)
     return h, _mask_ys(hs, valid)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(7,))
 def _gru_jvp(w_x, w_h, b_x, b_h, xs, h0, masks, unroll):
     valid, reset = masks
-    return _gru_hoist({"w_x": w_x, "w_h": w_h, "b_x": b_x, "b_h": b_h}, xs, h0, valid, reset, unroll)
+    return _gru_hoist({"w_x": w_x, "w_h": w_h, "b_x": b_x, "b_h": b_h}, xs, h0, valid, reset, unroll, hoist=False)
 
 
 def _gru_jvp_rule(unroll, primals, tangents):
@@ -329,8 +343,8 @@ def _gru_jvp_rule(unroll, primals, tangents):
     dw_x, dw_h, db_x, db_h, dxs, dh0, _ = tangents
     valid, reset = masks
     H = h0.shape[-1]
-    zx = _mm(xs, w_x) + b_x
-    hT, (hs, k, z, m) = _gru_forward(w_h, b_h, zx, h0, valid, reset, unroll, residuals=True)
+    hT, (hs, k, z, m) = _gru_forward(w_x, w_h, b_x, b_h, xs, h0, valid, reset, unroll, residuals=True, hoist=False)
+    zx = jax.ShapeDtypeStruct((*xs.shape[:2], w_h.shape[-1]), w_h.dtype)
     dzx = _sum_terms([None if _is_zero(dxs) else _mm(dxs, w_x), None if _is_zero(dw_x) else _mm(xs, dw_x),
                       None if _is_zero(db_x) else jnp.broadcast_to(db_x, zx.shape)], zx)
     dzh = _sum_terms([None if _is_zero(dw_h) else _mm(_entering(hs, h0, reset), dw_h),
@@ -359,13 +373,12 @@ _gru_jvp.defjvp(_gru_jvp_rule, symbolic_zeros=True)
 @partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _gru_vjp(w_x, w_h, b_x, b_h, xs, h0, masks, unroll):
     valid, reset = masks
-    return _gru_hoist({"w_x": w_x, "w_h": w_h, "b_x": b_x, "b_h": b_h}, xs, h0, valid, reset, unroll)
+    return _gru_hoist({"w_x": w_x, "w_h": w_h, "b_x": b_x, "b_h": b_h}, xs, h0, valid, reset, unroll, hoist=False)
 
 
 def _gru_vjp_fwd(w_x, w_h, b_x, b_h, xs, h0, masks, unroll):
     valid, reset = masks
-    zx = _mm(xs, w_x) + b_x
-    hT, (hs, k, z, m) = _gru_forward(w_h, b_h, zx, h0, valid, reset, unroll, residuals=True)
+    hT, (hs, k, z, m) = _gru_forward(w_x, w_h, b_x, b_h, xs, h0, valid, reset, unroll, residuals=True, hoist=False)
     return (hT, _mask_ys(hs, valid)), (w_x, w_h, xs, h0, masks, hs, k, z, m)
 
 
