@@ -8,12 +8,15 @@ sequence at once:
     The input projection ``xs W_x + b`` of all time steps is one ``[T*B, I] x [I, G]`` product outside the
     recurrence; the scan does only ``h W_h``. Differentiated by plain autodiff.
 ``"jvp"`` (the default)
-    ``"hoist"`` plus a ``jax.custom_jvp`` rule whose tangent recurrence carries only ``(dh, dc)``: the tangents of
-    the input and weight products are precomputed as large products, and everything inside the tangent scan is
-    an element-wise product with a saved residual or one ``[B, H] x [H, G]`` product. Reverse mode transposes
-    this linear recurrence into the fused backward pass of cuDNN-style RNN libraries: a backward scan that
-    carries ``dL/dh`` (and ``dL/dc``), emits the per-step gate gradients, after which ``dW_x``, ``dW_h``, the
+    A ``jax.custom_jvp`` rule whose tangent recurrence carries only ``(dh, dc)``: the tangents of the input and
+    weight products are precomputed as large products, and everything inside the tangent scan is an element-wise
+    product with a residual saved by the forward loop, plus one ``[B, H] x [H, G]`` product. Reverse mode
+    transposes this linear recurrence into the fused backward pass of cuDNN-style RNN libraries: a backward scan
+    that carries ``dL/dh`` (and ``dL/dc``), emits the per-step gate gradients, after which ``dW_x``, ``dW_h``, the
     biases and ``dL/dxs`` are each one large product. Forward mode (``jax.jvp``) and higher derivatives work.
+    The forward loop does one ``[x_t, h] [W_x; W_h]`` product per step (LSTM; the GRU does ``x_t W_x`` and
+    ``h W_h``) instead of hoisting the input projection: on the CPU, writing and re-reading the ``[T, B, G]``
+    projections costs more than it saves (``experiments/PERFORMANCE.md``).
 ``"vjp"``
     The same backward pass written out by hand as a ``jax.custom_vjp`` (reverse mode only: ``jax.jvp`` of it
     raises).
