@@ -1,0 +1,106 @@
+"""Data-parallel training (jbptt.parallel) on 8 forced CPU devices and across two processes.
+
+JAX fixes its device count when it starts, so the checks run in subprocesses (tests/parallel_worker.py): one
+8-device process runs every single-process check, and two 2-device processes (gloo collectives on 127.0.0.1)
+run the multi-process check, all three started at once.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "parallel_worker.py")
+EXACT = ["bptt"]          # estimators checked step for step in float64
+SHORT = ["bptt"]          # estimators run ten float32 steps in every mode
+TIME_LIMIT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Runs the 8-device worker and the two-process run concurrently; returns (single, multi) result dicts."""
+    out = tmp_path_factory.mktemp("parallel")
+    common = [sys.executable, WORKER]
+    single = [*common, "single", "--devices", "8", "--out", str(out / "single.json"),
+              "--estimators", ",".join(EXACT), "--short", ",".join(SHORT)]
+    port = free_port()
+    multi = [[*common, "multi", "--devices", "2", "--out", str(out / f"multi{p}.json"),
+              "--short", ",".join(SHORT), "--process-id", str(p), "--num-processes", "2",
+              "--coordinator", f"127.0.0.1:{port}"]
+             for p in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for cmd in [single, *multi]]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=TIME_LIMIT_S)[0])
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"parallel workers did not finish within {TIME_LIMIT_S} s")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log[-4000:]
+    assert not (out / "multi1.json").exists(), "only process 0 writes results"
+    return json.loads((out / "single.json").read_text()), json.loads((out / "multi0.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+@pytest.mark.parametrize("name", EXACT)
+def test_one_step_equals_single_device_float64(results, name, mode):
+    """Three steps (per-example estimator state carried between them) equal the whole-batch step, 1e-10."""
+    single, _ = results
+    assert single["devices"] == 8
+    r = single["exact"][name][mode]
+    assert r["dtype"] == "float64"
+    for what in ("loss", "grads", "params", "est_state"):
+        assert r[what] <= 1e-10, (name, mode, what, r[what])
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+@pytest.mark.parametrize("name", SHORT)
+def test_ten_steps_identical_across_modes_float32(results, name, mode):
+    single, _ = results
+    r = single["short"][name]
+    assert r["dtype"] == "float32" and len(r["none_loss"]) == 10
+    assert r[mode]["metrics"] <= 1e-6, r
+    assert r[mode]["params_abs"] <= 1e-6, r
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+def test_two_processes_equal_one_process_with_four_devices(results, mode):
+    single, multi = results
+    assert (multi["process_count"], multi["devices"], multi["local_devices"]) == (2, 4, 2)
+    name = SHORT[0]
+    ref, got = single["short4"][name][mode], multi["short4"][name][mode]
+    assert len(got) == len(ref) == 10
+    for a, b in zip(got, ref, strict=True):
+        for k in b:
+            assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(b[k])), (k, a, b)
+
+
+def test_indivisible_batch_names_both_numbers(results):
+    single, _ = results
+    msg = single["indivisible_error"]
+    assert msg is not None and "12" in msg and "8" in msg
