@@ -30,7 +30,7 @@ from jbptt.cells import Cell, trainable_mask
 from jbptt.estimator import Batch
 from jbptt.unroll import batch_and_time, batch_where, time_major
 
-# Per-example core: core(theta, s, trace, x, loss_grad, key) -> (s_new, trace_new, loss, grad_flat)
+# Per-example core: core(fs, theta, s, trace, x, loss_grad, key) -> (s_new, trace_new, loss, grad_flat)
 Core = Callable[..., tuple[Any, Any, Any, Any]]
 
 
@@ -57,6 +57,7 @@ class FlatStep(NamedTuple):
       carry0: ``carry0(theta) -> s0 [n]`` the initial carry of one example (may depend on theta).
       ravel_carry / unravel_carry: between a one-example carry pytree and ``[n]``.
       grads: ``grads(g [P]) -> params``-shaped gradient with zeros at fixed leaves.
+      params: ``params(theta) -> params`` (fixed leaves from the params the view was built at).
       n: carry size; P: number of trainable parameters.
     """
 
@@ -66,6 +67,7 @@ class FlatStep(NamedTuple):
     ravel_carry: Callable
     unravel_carry: Callable
     grads: Callable
+    params: Callable
     n: int
     P: int
 
@@ -108,7 +110,7 @@ def flat_step(cell: Cell, params) -> FlatStep:
     def carry0(th):
         return ravel_carry(cell.initial_carry(rebuild(th), ()))
 
-    return FlatStep(theta, step, carry0, ravel_carry, unravel_carry, lambda g: rebuild(g, "zeros"),
+    return FlatStep(theta, step, carry0, ravel_carry, unravel_carry, lambda g: rebuild(g, "zeros"), rebuild,
                     int(s_example.shape[0]), int(theta.shape[0]))
 
 
@@ -290,7 +292,8 @@ def unit_blocks(D, C: int, N: int):
     return jnp.einsum("cjdj->jcd", D.reshape(C, N, C, N))
 
 
-def compressed_core(rows: UnitRows, block: Callable | None, *, feedback: Callable | None = None) -> Core:
+def compressed_core(rows: UnitRows, block: Callable | None, *, readout: Callable | None = None,
+                    feedback: Callable | None = None) -> Core:
     """A core that advances the compressed influence ``[R, C*N]``.
 
     Args:
@@ -299,19 +302,22 @@ def compressed_core(rows: UnitRows, block: Callable | None, *, feedback: Callabl
         block-diagonal per unit); otherwise ``block(blocks [N, C, C], fs, theta, s, x) -> [N, C, C]``: the per-unit
         blocks of the carry Jacobian that the approximation keeps (SnAp-1: all of them; e-prop: the internal
         components; RFLO: a leak).
-      feedback: optional ``feedback(gy [O], gs [n]) -> gs`` replacing the carry's learning signal (RFLO's random
-        feedback); by default the true ``dloss/ds`` is used.
+      readout: optional ``readout(params, new_carry, x) -> y`` equal to the step's output. Given it, the gradient
+        is ``dl/dtheta|_readout + (dl/ds_t) J_t`` with the approximate ``J_t`` (the e-prop / RFLO form: learning
+        signal at ``s_t`` times eligibility). Without it, ``(dl/ds_{t-1}) J_{t-1}`` plus the exact immediate term
+        is used (any cell; SnAp, exact element-wise RTRL).
+      feedback: optional ``feedback(gy [O], gs [n]) -> gs`` replacing the learning signal ``dl/ds_t`` (RFLO's
+        random feedback); needs ``readout``.
     """
 
     def core(fs: FlatStep, theta, s, trace, x, loss_grad, key):
         del key
         f = lambda th, ss: fs.step(th, ss, x)
-        (s_new, y), vjp = jax.vjp(f, theta, s)
-        loss, gy = loss_grad(y)
-        gth, gs = vjp((jnp.zeros_like(s_new), gy))
-        if feedback is not None:
-            gs = feedback(gy, gs)
-        grad = gth + compressed_gradient(rows, trace, gs, fs.P)
+        if readout is None:
+            (s_new, y), vjp = jax.vjp(f, theta, s)
+            loss, gy = loss_grad(y)
+            gth, gs = vjp((jnp.zeros_like(s_new), gy))
+            grad = gth + compressed_gradient(rows, trace, gs, fs.P)
         tangents = row_tangents(rows, fs.P, theta.dtype)
         _, lin = jax.linearize(lambda th, ss: f(th, ss)[0], theta, s)
         if block is None:
@@ -323,6 +329,14 @@ def compressed_core(rows: UnitRows, block: Callable | None, *, feedback: Callabl
             R = rows.idx.shape[0]
             prop = jnp.einsum("jcd,rdj->rcj", blocks, trace.reshape(R, rows.C, rows.N))
             new = prop.reshape(R, -1) + m
+        if readout is not None:
+            s_new = f(theta, s)[0]
+            y, vjp = jax.vjp(lambda th, sn: readout(fs.params(th), fs.unravel_carry(sn), x), theta, s_new)
+            loss, gy = loss_grad(y)
+            gth, gs = vjp(gy)
+            if feedback is not None:
+                gs = feedback(gy, gs)
+            grad = gth + compressed_gradient(rows, new, gs, fs.P)
         return s_new, new, loss, grad
 
     return core

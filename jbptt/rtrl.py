@@ -59,7 +59,7 @@ def influence_bytes(cell: Cell, params, batch_size: int, *, diagonal: bool = Fal
     return int(batch_size) * rows * n * itemsize
 
 
-def _check_size(nbytes: int, limit: int | None, what: str):
+def check_influence_size(nbytes: int, limit: int | None, what: str):
     if limit is not None and nbytes > limit:
         raise ValueError(
             f"exact RTRL: the influence matrix ({what}) needs {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB), above "
@@ -170,7 +170,7 @@ def rtrl(cell: Cell, loss_fn: LossFn, *, mode: str = "jacobian", diagonal: bool 
             return dense_core(mode), dense_trace0
 
     def check(params, B):
-        _check_size(influence_bytes(cell, params, B, diagonal=diagonal), max_influence_bytes,
+        check_influence_size(influence_bytes(cell, params, B, diagonal=diagonal), max_influence_bytes,
                     "diagonal path" if diagonal else f"batch {B} x params x carry")
 
     checked = []
