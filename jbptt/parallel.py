@@ -258,7 +258,7 @@ class DataParallel(NamedTuple):
         restored checkpoint) on the devices; every process passes the same global state.
       step: ``step(state, batch) -> (state, metrics)``: one training step; ``batch`` holds this process's rows
         (``[B / process_count, ...]``, see :func:`process_rows`); ``metrics`` are replicated scalars. Compiled
-        once per batch shape; with ``donate`` the incoming ``state`` is consumed (do not reuse it).
+        once per batch shape; with ``donate=True`` the incoming ``state`` is consumed (do not reuse it).
       gather: ``gather(state) -> TrainState`` in single-device layout with the global batch (host arrays); a
         collective in multi-process runs (every process calls it).
     """
@@ -275,7 +275,7 @@ class DataParallel(NamedTuple):
 
 def data_parallel(estimator: GradientEstimator, optimizer: optax.GradientTransformation, params, carry, *,
                   mode: str = "sharded", devices: str | int | Sequence = "auto", state_axes=None,
-                  donate: bool = True) -> DataParallel:
+                  donate: bool = False) -> DataParallel:
     """Builds data-parallel training for ``estimator`` and ``optimizer``.
 
     Args:
@@ -287,7 +287,9 @@ def data_parallel(estimator: GradientEstimator, optimizer: optax.GradientTransfo
       mode: ``"none"`` (one device, plain ``jit``), ``"pmap"`` or ``"sharded"`` (``jit`` + ``NamedSharding``).
       devices: ``"auto"``, a device count or a device list (see :func:`resolve_devices`).
       state_axes: optional pytree of bools over the estimator state overriding :func:`state_batch_axes`.
-      donate: donate the incoming train state to the step (saves a copy of the estimator state).
+      donate: donate the incoming train state to the step: saves a copy of the state (e.g. a large influence
+        matrix) but the state passed to ``step`` is consumed, so a caller that keeps the previous state (to
+        halt on a NaN, say) must leave it False.
 
     Returns:
       A :class:`DataParallel`. Nothing is compiled until the first step.

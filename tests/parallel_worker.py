@@ -79,20 +79,27 @@ def problem(name: str, dtype):
     return cell, estimator, params, batch_fn
 
 
+def _np(x):
+    """float64 numpy copy of a leaf (PRNG keys as their raw key data)."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x, np.float64)
+
+
 def _abs(x):
-    return np.abs(np.asarray(x, np.float64))
+    return np.abs(_np(x))
 
 
 def max_rel_err(a, b) -> float:
     """max over leaves of ``max|a - b| / max(max|b|, 1e-30)``."""
-    errs = jax.tree.map(lambda x, y: float(np.max(_abs(np.subtract(x, y, dtype=np.float64))))
+    errs = jax.tree.map(lambda x, y: float(np.max(_abs(_np(x) - _np(y))))
                         / max(float(np.max(_abs(y))), 1e-30), a, b)
     return max(jax.tree_util.tree_leaves(errs), default=0.0)
 
 
 def max_abs_err(a, b) -> float:
     """max over leaves of ``max|a - b|``."""
-    errs = jax.tree.map(lambda x, y: float(np.max(_abs(np.subtract(x, y, dtype=np.float64)))), a, b)
+    errs = jax.tree.map(lambda x, y: float(np.max(_abs(_np(x) - _np(y)))), a, b)
     return max(jax.tree_util.tree_leaves(errs), default=0.0)
 
 
@@ -118,12 +125,15 @@ def single_checks(names, short_names):
     optimizer = optax.chain(record_grads(), optax.adam(1e-2))
     for name in names:
         ref_m, ref_g, ref_s = run(name, jnp.float64, "none", 1, 3, True, optimizer)
+        cell, _, params, batch_fn = problem(name, jnp.float64)
+        bptt_grads = jbptt.reference_gradient(cell, losses.mse, params, batch_fn(0))[1]  # plain jax.grad
         res = out["exact"][name] = {}
         for mode in ("pmap", "sharded"):
             m, g, s = run(name, jnp.float64, mode, "auto", 3, True, optimizer)
             res[mode] = {"loss": max_rel_err([x["loss"] for x in m], [x["loss"] for x in ref_m]),
                          "grads": max_rel_err(g, ref_g), "params": max_rel_err(s.params, ref_s.params),
                          "est_state": max_rel_err(s.est_state, ref_s.est_state),
+                         "first_grads_vs_bptt": max_rel_err(g[0], bptt_grads),
                          "dtype": str(jax.tree_util.tree_leaves(s.params)[0].dtype)}
     for name in short_names:  # ten float32 steps across the three modes
         runs = {mode: run(name, jnp.float32, mode, 1 if mode == "none" else "auto", STEPS_SHORT, True,

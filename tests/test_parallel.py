@@ -16,7 +16,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "parallel_worker.py")
-EXACT = ["bptt"]          # estimators checked step for step in float64
+EXACT = ["bptt", "rtrl"]         # estimators checked step for step in float64
 SHORT = ["bptt"]          # estimators run ten float32 steps in every mode
 TIME_LIMIT_S = 300
 
@@ -69,12 +69,13 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["pmap", "sharded"])
 @pytest.mark.parametrize("name", EXACT)
 def test_one_step_equals_single_device_float64(results, name, mode):
-    """Three steps (per-example estimator state carried between them) equal the whole-batch step, 1e-10."""
+    """Three steps (per-example estimator state carried between them) equal the whole-batch step, 1e-10;
+    the first step's gradient equals plain ``jax.grad`` BPTT on the whole batch."""
     single, _ = results
     assert single["devices"] == 8
     r = single["exact"][name][mode]
     assert r["dtype"] == "float64"
-    for what in ("loss", "grads", "params", "est_state"):
+    for what in ("loss", "grads", "params", "est_state", "first_grads_vs_bptt"):
         assert r[what] <= 1e-10, (name, mode, what, r[what])
 
 
