@@ -105,3 +105,19 @@ def test_indivisible_batch_names_both_numbers(results):
     single, _ = results
     msg = single["indivisible_error"]
     assert msg is not None and "12" in msg and "8" in msg
+
+
+def test_bench_scaling_smoke(tmp_path):
+    """experiments/bench_scaling.py runs standalone on 2 forced CPU devices and writes its JSON."""
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "bench_scaling.py"), "--devices", "2",
+           "--scaling", "strong,weak", "--modes", "sharded", "--steps", "2", "--repeats", "1", "--hidden", "8",
+           "--T", "4", "--batch", "4", "--per-device-batch", "2", "--cell", "elman", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIME_LIMIT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["counts"] == [1, 2] and result["platform"] == "cpu"
+    assert {(r["scaling"], r["devices"], r["batch"]) for r in result["rows"]} == {
+        ("strong", 1, 4), ("strong", 2, 4), ("weak", 1, 2), ("weak", 2, 4)}
+    assert all(r["finite"] and r["steps_per_s"] > 0 for r in result["rows"])
+    assert "| strong | sharded |" in proc.stdout
