@@ -167,12 +167,20 @@ def _path_name(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def state_batch_axes(estimator: GradientEstimator, params, carry):
-    """Which leaves of ``estimator.init(params, carry)`` are per-example (see the module docstring's rule).
+def initial_est_state(estimator: GradientEstimator, params, carry, prepare=None):
+    """``estimator.init(params, carry)``, then ``prepare(state, carry)`` when given (see :func:`data_parallel`)."""
+    state = estimator.init(params, carry)
+    return state if prepare is None else prepare(state, carry)
+
+
+def state_batch_axes(estimator: GradientEstimator, params, carry, prepare=None):
+    """Which leaves of the initial estimator state are per-example (see the module docstring's rule).
 
     Args:
       params: the parameters (only shapes are used).
       carry: the initial carry of the global batch; every leaf ``[B, ...]``.
+      prepare: optional ``prepare(state, carry) -> state`` run after ``estimator.init`` (see
+        :func:`data_parallel`).
 
     Returns:
       A pytree of bools with the structure of the estimator state: True where the leaf's leading axis is the
@@ -188,8 +196,11 @@ def state_batch_axes(estimator: GradientEstimator, params, carry):
     def resized(c, n):
         return jax.ShapeDtypeStruct((n,) + tuple(jnp.shape(c)[1:]), jnp.result_type(c))
 
-    shape_b = jax.eval_shape(estimator.init, params, jax.tree.map(lambda c: resized(c, B), carry))
-    shape_b1 = jax.eval_shape(estimator.init, params, jax.tree.map(lambda c: resized(c, B + 1), carry))
+    def shapes(n):
+        return jax.eval_shape(lambda p, c: initial_est_state(estimator, p, c, prepare), params,
+                              jax.tree.map(lambda c: resized(c, n), carry))
+
+    shape_b, shape_b1 = shapes(B), shapes(B + 1)
 
     def classify(path, a, b):
         if a.shape == b.shape:
@@ -275,7 +286,7 @@ class DataParallel(NamedTuple):
 
 def data_parallel(estimator: GradientEstimator, optimizer: optax.GradientTransformation, params, carry, *,
                   mode: str = "sharded", devices: str | int | Sequence = "auto", state_axes=None,
-                  donate: bool = False) -> DataParallel:
+                  prepare: Callable[[Any, Any], Any] | None = None, donate: bool = False) -> DataParallel:
     """Builds data-parallel training for ``estimator`` and ``optimizer``.
 
     Args:
@@ -287,6 +298,10 @@ def data_parallel(estimator: GradientEstimator, optimizer: optax.GradientTransfo
       mode: ``"none"`` (one device, plain ``jit``), ``"pmap"`` or ``"sharded"`` (``jit`` + ``NamedSharding``).
       devices: ``"auto"``, a device count or a device list (see :func:`resolve_devices`).
       state_axes: optional pytree of bools over the estimator state overriding :func:`state_batch_axes`.
+      prepare: optional ``prepare(est_state, carry) -> est_state`` applied after ``estimator.init`` by ``init``
+        and by the axis detection, for estimators whose state gains leaves on its first update (the state's
+        structure must not change between steps). E.g. TBPTT with ``k2 > k1``:
+        ``lambda s, c: tbptt.prime_state(s, jnp.zeros((c.shape[0], 1, input_size)))``.
       donate: donate the incoming train state to the step: saves a copy of the state (e.g. a large influence
         matrix) but the state passed to ``step`` is consumed, so a caller that keeps the previous state (to
         halt on a NaN, say) must leave it False.
@@ -310,17 +325,34 @@ def data_parallel(estimator: GradientEstimator, optimizer: optax.GradientTransfo
         raise ValueError(f"every process must own the same number of the {len(devs)} devices")
     B = _batch_size(carry)
     check_batch_divisible(B, len(devs))
-    est_axes = state_axes if state_axes is not None else state_batch_axes(estimator, params, carry)
+    est_axes = state_axes if state_axes is not None else state_batch_axes(estimator, params, carry, prepare)
     opt_shapes = jax.eval_shape(optimizer.init, params)
     axes = TrainState(jax.tree.map(lambda _: False, params), jax.tree.map(lambda _: False, opt_shapes),
                       est_axes, False)
     build = {"none": _single_device, "pmap": _pmap, "sharded": _sharded}[mode]
     place, step, gather = build(estimator, optimizer, devs, local, axes, donate)
+    structure = jax.tree_util.tree_structure(axes)
+
+    def check(state, what):
+        if jax.tree_util.tree_structure(state) != structure:
+            raise ValueError(f"data_parallel: the {what} has another pytree structure than the state the "
+                             "layout was built for (estimator.init at construction). An estimator whose state "
+                             "gains leaves on its first update (TBPTT with k2 > k1) needs `prepare`, e.g. "
+                             "tbptt.prime_state")
+        return state
+
+    def checked_place(host_state):
+        return place(check(host_state, "state to place"))
+
+    def checked_step(state, batch):
+        new_state, metrics = step(check(state, "state passed to step"), batch)
+        return check(new_state, "state returned by the estimator's update"), metrics
 
     def init(params, carry):
-        return place(init_train_state(estimator, optimizer, params, carry))
+        state = init_train_state(estimator, optimizer, params, carry)
+        return checked_place(state._replace(est_state=initial_est_state(estimator, params, carry, prepare)))
 
-    return DataParallel(mode, devs, B, axes, init, place, step, gather)
+    return DataParallel(mode, devs, B, axes, init, checked_place, checked_step, gather)
 
 
 def _single_device(estimator, optimizer, devs, local, axes, donate):
@@ -406,9 +438,17 @@ def _sharded(estimator, optimizer, devs, local, axes, donate):
             return jax.make_array_from_process_local_data(rows, np.asarray(x))
         return jax.device_put(x, rows)
 
+    train_step, checked = make_train_step(estimator, optimizer), []
+
     def step(state, batch):
         _check_local_batch(batch, len(devs))
-        return step_fn(state, jax.tree.map(put_batch, batch))
+        batch = jax.tree.map(put_batch, batch)
+        if not checked:  # out_shardings fix the state's structure: a changing one gets the clear error here
+            out = jax.eval_shape(train_step, state, batch)[0]
+            if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(state):
+                return out, None
+            checked.append(True)
+        return step_fn(state, batch)
 
     def gather(state):
         def get(x, batched):
