@@ -149,9 +149,9 @@ def build_estimator(cfg: Config, cell: Cell, loss_fn, source: str = "<config>") 
     """The gradient estimator of ``cfg.estimator`` (``None`` for ``esn``), with the remat scan if configured."""
     e = cfg.estimator
     if e.name == "esn":
-        if cfg.model.cell != "esn":
-            raise ConfigError("estimator.name", "estimator 'esn' fits a readout on an ESN reservoir; "
-                              f"set model.cell: esn (got {cfg.model.cell!r})", source)
+        from jbptt.esn import check_esn_config
+
+        check_esn_config(cfg, source)
         return None
     options = dict(e.options)
     if cfg.remat.policy != "none":
