@@ -1,7 +1,8 @@
 """Checkpoints: pytrees written with flax's msgpack serialization (no pickle), atomically.
 
 ``save(path, tree)`` writes to a temporary file in the same folder, flushes it to disk and renames it over
-``path``, so a reader (or a run killed mid-write) sees either the old or the new checkpoint, never half of one.
+``path``, so a reader (or a run killed mid-write) sees either the old or the new checkpoint, never half of
+one.
 ``load(path, target)`` restores into the structure of ``target`` and checks every leaf's shape and dtype, so a
 corrupt file or a checkpoint of another model gives one clear :class:`CheckpointError`.
 Typed PRNG keys (``jax.random.key``) are stored as their raw key data and rebuilt on load.
@@ -57,7 +58,9 @@ def from_bytes(target, data: bytes, *, name: str = "checkpoint"):
     try:
         restored = serialization.from_bytes(template, data)
     except Exception as e:  # msgpack errors for corrupt files, ValueError/KeyError for structure mismatches
-        raise CheckpointError(f"{name} is corrupt or does not match this run: {type(e).__name__}: {e}") from None
+        raise CheckpointError(
+            f"{name} is corrupt or does not match this run: {type(e).__name__}: {e}"
+        ) from None
     want, treedef = jax.tree_util.tree_flatten_with_path(template)
     got = jax.tree_util.tree_leaves(restored)
     if len(got) != len(want):
@@ -66,10 +69,14 @@ def from_bytes(target, data: bytes, *, name: str = "checkpoint"):
         ws, gs = np.shape(w), np.shape(g)
         wd, gd = np.asarray(w).dtype, np.asarray(g).dtype
         if ws != gs or wd != gd:
-            raise CheckpointError(f"{name} does not match this run at {jax.tree_util.keystr(path)}: "
-                                  f"stored {gd}{list(gs)}, expected {wd}{list(ws)}")
-    leaves = [jax.random.wrap_key_data(np.asarray(g), impl=jax.random.key_impl(t)) if _is_key(t) else g
-              for t, g in zip(jax.tree_util.tree_leaves(target), got, strict=True)]
+            raise CheckpointError(
+                f"{name} does not match this run at {jax.tree_util.keystr(path)}: "
+                f"stored {gd}{list(gs)}, expected {wd}{list(ws)}"
+            )
+    leaves = [
+        jax.random.wrap_key_data(np.asarray(g), impl=jax.random.key_impl(t)) if _is_key(t) else g
+        for t, g in zip(jax.tree_util.tree_leaves(target), got, strict=True)
+    ]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
 
 

@@ -6,18 +6,26 @@
     jbptt plot RUN_DIR [RUN_DIR ...] [--out FILE] [--metric NAME]
     jbptt compare ...                 (the estimator-comparison harness, :mod:`jbptt.compare`)
 
-Exit codes: 0 success (also early stopping), 1 a run halted on a NaN/Inf or a bad checkpoint, 2 a bad config or
-bad arguments (nothing is written), 128 + signal number when SIGINT/SIGTERM stopped a run (after checkpointing).
+Exit codes: 0 success (also early stopping), 1 a run halted on a NaN/Inf or a bad checkpoint, 2 a bad config
+or
+bad arguments (nothing is written), 128 + signal number when SIGINT/SIGTERM stopped a run (after
+checkpointing).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-RESUME_OVERRIDABLE = ("training.steps", "training.patience", "training.eval_every", "training.checkpoint_every",
-                      "logging.")
+RESUME_OVERRIDABLE = (
+    "training.steps",
+    "training.patience",
+    "training.eval_every",
+    "training.checkpoint_every",
+    "logging.",
+)
 
 
 def _err(msg: str, code: int) -> int:
@@ -36,8 +44,11 @@ def _run(args) -> int:
                 args.overrides.insert(0, args.config)
             bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(RESUME_OVERRIDABLE)]
             if bad:
-                raise ConfigError(bad[0].split("=", 1)[0], "cannot be changed when resuming (only "
-                                  f"{', '.join(RESUME_OVERRIDABLE)}...)", "<command line>")
+                raise ConfigError(
+                    bad[0].split("=", 1)[0],
+                    f"cannot be changed when resuming (only {', '.join(RESUME_OVERRIDABLE)}...)",
+                    "<command line>",
+                )
             path = os.path.join(args.resume, "config.yaml")
             if not os.path.exists(path):
                 return _err(f"{args.resume} is not a run folder (no config.yaml)", 2)
@@ -53,8 +64,9 @@ def _run(args) -> int:
 
             build(cfg, source)
             atomic_write(os.path.join(args.resume, "config.yaml"), dump_config(cfg))
-        summary = train(cfg, args.resume or args.run_dir, resume=bool(args.resume), quiet=args.quiet,
-                        source=source)
+        summary = train(
+            cfg, args.resume or args.run_dir, resume=bool(args.resume), quiet=args.quiet, source=source
+        )
     except ConfigError as e:
         return _err(f"config error: {e}", 2)
     except CheckpointError as e:
@@ -68,8 +80,10 @@ def _run(args) -> int:
 
 
 def _describe(summary: dict) -> str:
-    parts = [f"run {summary['run_dir']}: {summary['status']} after {summary['steps']} steps "
-             f"in {summary['wall_time_s']:.1f} s"]
+    parts = [
+        f"run {summary['run_dir']}: {summary['status']} after {summary['steps']} steps "
+        f"in {summary['wall_time_s']:.1f} s"
+    ]
     metric = summary.get("metric")
     final = summary.get("final")
     if final and metric:
@@ -108,14 +122,23 @@ def _sample(args) -> int:
 
             carry = exp.cell.initial_carry(params, (cfg.training.batch_size,))
             state = init_train_state(exp.estimator, exp.optimizer, params, carry)
-            state, _, _ = ckpt.load(os.path.join(args.run_dir, "checkpoints", "last.msgpack"),
-                                    (state, _runner_state(jax.random.key(0)), params))
+            state, _, _ = ckpt.load(
+                os.path.join(args.run_dir, "checkpoints", "last.msgpack"),
+                (state, _runner_state(jax.random.key(0)), params),
+            )
             params = state.params
     except ckpt.CheckpointError as e:
         return _err(f"checkpoint error: {e}", 1)
     prompt = args.prompt or "\n"
-    ids = generate(exp.cell, params, text.encode(prompt), args.length, jax.random.key(args.seed),
-                   vocab_size=len(text.VOCAB), temperature=args.temperature)
+    ids = generate(
+        exp.cell,
+        params,
+        text.encode(prompt),
+        args.length,
+        jax.random.key(args.seed),
+        vocab_size=len(text.VOCAB),
+        temperature=args.temperature,
+    )
     print(prompt + text.decode(ids))
     return 0
 
@@ -126,7 +149,9 @@ def _plot(args) -> int:
     for d in args.run_dirs:
         if not os.path.exists(os.path.join(d, "metrics.jsonl")):
             return _err(f"{d} is not a run folder (no metrics.jsonl)", 2)
-    out = args.out or (os.path.join(args.run_dirs[0], "curves.png") if len(args.run_dirs) == 1 else "runs.png")
+    out = args.out or (
+        os.path.join(args.run_dirs[0], "curves.png") if len(args.run_dirs) == 1 else "runs.png"
+    )
     plots.plot_runs(args.run_dirs, out, metric=args.metric)
     written = [out]
     if len(args.run_dirs) == 1:
@@ -138,16 +163,20 @@ def _plot(args) -> int:
 
 def _compare(argv) -> int:
     try:
-        from jbptt import compare
+        compare = importlib.import_module("jbptt.compare")
     except ImportError as e:
         if getattr(e, "name", None) == "jbptt.compare":
-            return _err("the compare subcommand needs jbptt.compare, which this installation does not have", 2)
+            return _err(
+                "the compare subcommand needs jbptt.compare, which this installation does not have", 2
+            )
         raise
     return compare.main(argv) or 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jbptt", description="Train and study RNNs with BPTT and its alternatives.")
+    p = argparse.ArgumentParser(
+        prog="jbptt", description="Train and study RNNs with BPTT and its alternatives."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train from a YAML config (or resume a run)")
     r.add_argument("config", nargs="?", help="YAML config file")
@@ -164,7 +193,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", choices=("last", "best"), default="last")
     pl = sub.add_parser("plot", help="overlay the curves of one or more runs")
     pl.add_argument("run_dirs", nargs="+")
-    pl.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png for one run, runs.png for several)")
+    pl.add_argument(
+        "--out", help="output PNG (default: RUN_DIR/curves.png for one run, runs.png for several)"
+    )
     pl.add_argument("--metric", help="validation metric to plot (default: each run's headline metric)")
     sub.add_parser("compare", help="compare gradient estimators (jbptt.compare)", add_help=False)
     return p

@@ -1,6 +1,7 @@
 """Experiment configs: YAML files read with ``yaml.safe_load`` into typed dataclasses, with dotted overrides.
 
-A config has the sections ``task``, ``model``, ``estimator``, ``optimizer``, ``training``, ``logging``, ``remat``,
+A config has the sections ``task``, ``model``, ``estimator``, ``optimizer``, ``training``, ``logging``,
+``remat``,
 ``parallel`` and a top-level ``seed``; only ``task.name`` is required::
 
     task: {name: adding, options: {length: 50}}
@@ -44,7 +45,8 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
-    """The cell: ``layers`` copies of ``CELLS[cell](hidden, dtype=dtype, **options)``, stacked, plus a readout."""
+    """The cell: ``layers`` copies of ``CELLS[cell](hidden, dtype=dtype, **options)``, stacked, plus a
+    readout."""
 
     cell: str = "lstm"
     hidden: int = 64
@@ -69,8 +71,10 @@ class OptimizerConfig:
     """An optax optimizer by name with a learning-rate schedule, clipping, weight decay and L1/L2 penalties.
 
     ``schedule``: ``constant``, ``cosine`` (to ``end_lr_fraction * lr`` at the last step), ``warmup`` (linear
-    from 0 over ``warmup_steps``, then constant) or ``warmup_cosine``. ``weight_decay`` is decoupled for ``adamw``
-    and added to the gradient (L2) otherwise; ``l1``/``l2`` add ``l1 * |p|_1 + l2 / 2 * |p|^2`` to the objective
+    from 0 over ``warmup_steps``, then constant) or ``warmup_cosine``. ``weight_decay`` is decoupled for
+    ``adamw``
+    and added to the gradient (L2) otherwise; ``l1``/``l2`` add ``l1 * |p|_1 + l2 / 2 * |p|^2`` to the
+    objective
     through the gradient. ``options`` go to the optax constructor (e.g. ``b1``, ``eps``).
     """
 
@@ -91,7 +95,8 @@ class OptimizerConfig:
 @dataclass
 class TrainingConfig:
     """Steps, batches, evaluation, early stopping (``patience`` evaluations without improvement of the task's
-    headline metric on the validation split), checkpointing, and what a NaN/Inf does (``halt`` or ``skip``)."""
+    headline metric on the validation split), checkpointing, and what a NaN/Inf does (``halt`` or
+    ``skip``)."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -119,7 +124,8 @@ class LoggingConfig:
 
 @dataclass
 class RematConfig:
-    """Rematerialisation schedule (:mod:`jbptt.remat`): ``policy`` plus free-form keys passed along with it."""
+    """Rematerialisation schedule (:mod:`jbptt.remat`): ``policy`` plus free-form keys passed along with
+    it."""
 
     policy: str = "none"
     options: dict = field(default_factory=dict)
@@ -213,7 +219,11 @@ def _parse_section(cls, raw, path: str, source: str):
             raise ConfigError(sub, f"unknown key; {path or 'the top level'} accepts {sorted(fields)}", source)
         kwargs[key] = _coerce(value, hints[key], sub, source)
     for name, f in fields.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if (
+            name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
             raise ConfigError(f"{path}.{name}" if path else name, "required field is missing", source)
     return cls(**kwargs)
 
@@ -234,7 +244,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides, source: str = "<command line>") -> dict:
-    """Returns a copy of the raw config dict with ``key.path=value`` overrides applied (nested dicts created)."""
+    """Returns a copy of the raw config dict with ``key.path=value`` overrides applied (nested dicts
+    created)."""
     import copy
 
     raw = copy.deepcopy(raw)
@@ -246,8 +257,9 @@ def apply_overrides(raw: dict, overrides, source: str = "<command line>") -> dic
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(".".join(parts[:i + 1]), f"is {nxt!r}, not a section; cannot set {text!r}",
-                                  source)
+                raise ConfigError(
+                    ".".join(parts[: i + 1]), f"is {nxt!r}, not a section; cannot set {text!r}", source
+                )
             node = nxt
         node[parts[-1]] = value
     return raw
@@ -308,23 +320,40 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     from jbptt.tasks import TASKS
 
     need(cfg.task.name in TASKS, "task.name", f"unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
-    need(cfg.model.cell in CELLS, "model.cell", f"unknown cell {cfg.model.cell!r}; choose from {sorted(CELLS)}")
+    need(
+        cfg.model.cell in CELLS, "model.cell", f"unknown cell {cfg.model.cell!r}; choose from {sorted(CELLS)}"
+    )
     need(cfg.model.hidden >= 1, "model.hidden", f"must be >= 1, got {cfg.model.hidden}")
     need(cfg.model.layers >= 1, "model.layers", f"must be >= 1, got {cfg.model.layers}")
     need(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
-    need(cfg.model.dtype in ("float32", "float64"), "model.dtype", f"must be float32 or float64, got "
-         f"{cfg.model.dtype!r}")
+    need(
+        cfg.model.dtype in ("float32", "float64"),
+        "model.dtype",
+        f"must be float32 or float64, got {cfg.model.dtype!r}",
+    )
     o = cfg.optimizer
-    need(o.name in OPTIMIZER_NAMES, "optimizer.name", f"unknown optimizer {o.name!r}; choose from "
-         f"{list(OPTIMIZER_NAMES)}")
+    need(
+        o.name in OPTIMIZER_NAMES,
+        "optimizer.name",
+        f"unknown optimizer {o.name!r}; choose from {list(OPTIMIZER_NAMES)}",
+    )
     need(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
-    need(o.schedule in SCHEDULES, "optimizer.schedule", f"unknown schedule {o.schedule!r}; choose from "
-         f"{list(SCHEDULES)}")
+    need(
+        o.schedule in SCHEDULES,
+        "optimizer.schedule",
+        f"unknown schedule {o.schedule!r}; choose from {list(SCHEDULES)}",
+    )
     need(o.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    need(not o.schedule.startswith("warmup") or o.warmup_steps > 0, "optimizer.warmup_steps",
-         f"schedule {o.schedule!r} needs warmup_steps > 0")
-    need(0.0 <= o.end_lr_fraction <= 1.0, "optimizer.end_lr_fraction", f"must be in [0, 1], got "
-         f"{o.end_lr_fraction}")
+    need(
+        not o.schedule.startswith("warmup") or o.warmup_steps > 0,
+        "optimizer.warmup_steps",
+        f"schedule {o.schedule!r} needs warmup_steps > 0",
+    )
+    need(
+        0.0 <= o.end_lr_fraction <= 1.0,
+        "optimizer.end_lr_fraction",
+        f"must be in [0, 1], got {o.end_lr_fraction}",
+    )
     for name in ("clip_norm", "clip_value"):
         v = getattr(o, name)
         need(v is None or v > 0, f"optimizer.{name}", f"must be > 0 (or null for none), got {v}")
@@ -333,15 +362,27 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     t = cfg.training
     for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "eval_batches", "checkpoint_every"):
         need(getattr(t, name) >= 1, f"training.{name}", f"must be >= 1, got {getattr(t, name)}")
-    need(t.patience is None or t.patience >= 1, "training.patience", f"must be >= 1 or null, got {t.patience}")
+    need(
+        t.patience is None or t.patience >= 1, "training.patience", f"must be >= 1 or null, got {t.patience}"
+    )
     need(t.on_nan in ("halt", "skip"), "training.on_nan", f"must be 'halt' or 'skip', got {t.on_nan!r}")
     need(cfg.logging.log_every >= 1, "logging.log_every", f"must be >= 1, got {cfg.logging.log_every}")
     need(cfg.logging.gradient_flow_batch >= 1, "logging.gradient_flow_batch", "must be >= 1")
     name = cfg.logging.name
-    need(name is None or (name and "/" not in name and name not in (".", "..")), "logging.name",
-         f"must be a plain folder name, got {name!r}")
-    need(cfg.parallel.mode in ("none", "pmap", "sharded"), "parallel.mode",
-         f"must be none, pmap or sharded, got {cfg.parallel.mode!r}")
+    need(
+        name is None or (name and "/" not in name and name not in (".", "..")),
+        "logging.name",
+        f"must be a plain folder name, got {name!r}",
+    )
+    need(
+        cfg.parallel.mode in ("none", "pmap", "sharded"),
+        "parallel.mode",
+        f"must be none, pmap or sharded, got {cfg.parallel.mode!r}",
+    )
     d = cfg.parallel.devices
-    need(d == "auto" or (isinstance(d, int) and d >= 1), "parallel.devices", f"must be 'auto' or >= 1, got {d!r}")
+    need(
+        d == "auto" or (isinstance(d, int) and d >= 1),
+        "parallel.devices",
+        f"must be 'auto' or >= 1, got {d!r}",
+    )
     need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")

@@ -1,8 +1,10 @@
-"""Echo State Network baseline: the readout of a fixed random reservoir fitted in closed form (ridge regression).
+"""Echo State Network baseline: the readout of a fixed random reservoir fitted in closed form (ridge
+regression).
 
 Selected in a config by ``estimator: {name: esn, options: {ridge: 1e-6, fit_batches: 20}}`` with
 ``model.cell: esn``. The reservoir is run over ``fit_batches`` training batches; the states at the steps that
-have a target (plus a constant 1 for the bias) are regressed on the targets (one-hot targets for classification
+have a target (plus a constant 1 for the bias) are regressed on the targets (one-hot targets for
+classification
 tasks, whose prediction is then the arg-max):
 
     W = (S^T S + ridge * I)^-1 S^T Y      (float64, on the host)
@@ -45,14 +47,22 @@ def check_esn_config(cfg, source: str = "<config>") -> None:
     """Raises :class:`ConfigError` unless ``cfg`` describes a single ESN reservoir with known esn options."""
     unknown = sorted(set(cfg.estimator.options) - set(ESN_OPTIONS))
     if unknown:
-        raise ConfigError("estimator.options", f"esn has no option(s) {unknown}; options: {sorted(ESN_OPTIONS)}",
-                          source)
+        raise ConfigError(
+            "estimator.options", f"esn has no option(s) {unknown}; options: {sorted(ESN_OPTIONS)}", source
+        )
     if cfg.model.cell != "esn":
-        raise ConfigError("estimator.name", "estimator 'esn' fits a readout on an ESN reservoir; set "
-                          f"model.cell: esn (got {cfg.model.cell!r})", source)
+        raise ConfigError(
+            "estimator.name",
+            "estimator 'esn' fits a readout on an ESN reservoir; set "
+            f"model.cell: esn (got {cfg.model.cell!r})",
+            source,
+        )
     if cfg.model.layers != 1 or cfg.model.learned_initial_carry or cfg.model.dropout:
-        raise ConfigError("model", "estimator esn needs a single reservoir (layers: 1, no learned carry, "
-                          "no dropout)", source)
+        raise ConfigError(
+            "model",
+            "estimator esn needs a single reservoir (layers: 1, no learned carry, no dropout)",
+            source,
+        )
     if not float(cfg.estimator.options.get("ridge", 1.0)) >= 0:
         raise ConfigError("estimator.options.ridge", "must be >= 0", source)
     if not int(cfg.estimator.options.get("fit_batches", 1)) >= 1:
@@ -62,7 +72,7 @@ def check_esn_config(cfg, source: str = "<config>") -> None:
 def fit_esn(exp, run_dir: str, *, quiet: bool = True) -> dict:
     """Fits the ESN readout for the experiment ``exp`` (a :class:`jbptt.runner.Experiment`) and writes a run
     folder like :func:`jbptt.runner.train` does. Returns the summary."""
-    from jbptt.runner import make_evaluator, machine_info
+    from jbptt.runner import machine_info, make_eval_fn, make_evaluator
 
     cfg, task = exp.config, exp.task
     opts = {**ESN_OPTIONS, **cfg.estimator.options}
@@ -92,16 +102,31 @@ def fit_esn(exp, run_dir: str, *, quiet: bool = True) -> dict:
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
     t = cfg.training
-    val = make_evaluator(exp, "val", t.eval_batch_size, t.eval_batches, eval_key)(params)
-    test = make_evaluator(exp, "test", t.eval_batch_size, t.eval_batches, jax.random.fold_in(eval_key, 1))(params)
+    eval_fn = make_eval_fn(exp)
+    val = make_evaluator(exp, "val", t.eval_batch_size, t.eval_batches, eval_key, eval_fn)(params)
+    test_key = jax.random.fold_in(eval_key, 1)
+    test = make_evaluator(exp, "test", t.eval_batch_size, t.eval_batches, test_key, eval_fn)(params)
     elapsed = round(time.monotonic() - t0, 3)
-    ckpt.atomic_write(os.path.join(run_dir, "metrics.jsonl"),
-                      json.dumps({"step": 0, "split": "val", **val, "time": elapsed}) + "\n")
+    ckpt.atomic_write(
+        os.path.join(run_dir, "metrics.jsonl"),
+        json.dumps({"step": 0, "split": "val", **val, "time": elapsed}) + "\n",
+    )
     ckpt.save(os.path.join(run_dir, "checkpoints", "best.msgpack"), params)
-    summary = {"name": cfg.logging.name, "run_dir": run_dir, "status": "completed", "message": None, "steps": 0,
-               "task": cfg.task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
-               "estimator": "esn", "cell": "esn", "final": {"val": val, "test": test},
-               "fit_examples": int(sum(len(f) for f in feats)), "wall_time_s": elapsed,
-               "machine": machine_info()}
+    summary = {
+        "name": cfg.logging.name,
+        "run_dir": run_dir,
+        "status": "completed",
+        "message": None,
+        "steps": 0,
+        "task": cfg.task.name,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "estimator": "esn",
+        "cell": "esn",
+        "final": {"val": val, "test": test},
+        "fit_examples": int(sum(len(f) for f in feats)),
+        "wall_time_s": elapsed,
+        "machine": machine_info(),
+    }
     ckpt.atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary

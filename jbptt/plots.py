@@ -1,4 +1,5 @@
-"""PNG plots of run folders (matplotlib, Agg backend): training/validation curves and gradient-flow profiles."""
+"""PNG plots of run folders (matplotlib, Agg backend): training/validation curves and gradient-flow
+profiles."""
 
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ def plot_runs(run_dirs, out: str, *, metric: str | None = None, labels=None) -> 
         name = metric or _headline(records, summary)
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
         if name and val and name in val[0]:
-            ax_val.plot([r["step"] for r in val], [r[name] for r in val], marker=".", label=f"{label} ({name})")
+            ax_val.plot(
+                [r["step"] for r in val], [r[name] for r in val], marker=".", label=f"{label} ({name})"
+            )
     ax_loss.set(xlabel="step", ylabel="training loss", title="training loss", yscale="log")
     ax_val.set(xlabel="step", ylabel=metric or "validation metric", title="validation")
     for ax in (ax_loss, ax_val):
@@ -83,9 +86,15 @@ def plot_gradient_flow(run_dir: str, out: str) -> str | None:
     for key in ("start", "end"):
         if key in flows:
             norms = flows[key]["norms"]
-            ax.plot(range(len(norms)), [max(x, 1e-30) for x in norms], label=f"{key} (step {flows[key]['step']})")
-    ax.set(xlabel="time step t", ylabel="||dL/dh_t||", yscale="log",
-           title=f"gradient flow: {os.path.basename(os.path.normpath(run_dir))}")
+            ax.plot(
+                range(len(norms)), [max(x, 1e-30) for x in norms], label=f"{key} (step {flows[key]['step']})"
+            )
+    ax.set(
+        xlabel="time step t",
+        ylabel="||dL/dh_t||",
+        yscale="log",
+        title=f"gradient flow: {os.path.basename(os.path.normpath(run_dir))}",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, out)

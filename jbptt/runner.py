@@ -6,14 +6,17 @@
     from jbptt.runner import train
     summary = train(load_config("configs/quickstart.yaml", ["training.steps=200"]), run_dir="runs/q")
 
-A run folder holds ``config.yaml`` (the resolved config: enough to re-run), ``metrics.jsonl`` (one JSON object per
+A run folder holds ``config.yaml`` (the resolved config: enough to re-run), ``metrics.jsonl`` (one JSON object
+per
 line: ``split`` "train" lines with ``step``, ``loss`` and ``grad_norm`` averaged over the logging interval,
 ``lr`` and ``time``; ``split`` "val" lines with the task's metrics), ``summary.json`` (status, final and best
 metrics, run time, machine), ``gradient_flow.json`` (``||dL/dh_t||`` against ``t`` at the start and the end),
 ``checkpoints/last.msgpack`` (+ ``best.msgpack``) and PNG plots.
 
-Reproducibility: the batch of step ``s`` is ``task.sample(fold_in(data_key, s))`` and every other random choice
-is derived from ``config.seed`` too, so a run is a pure function of its config, and a run killed at any point and
+Reproducibility: the batch of step ``s`` is ``task.sample(fold_in(data_key, s))`` and every other random
+choice
+is derived from ``config.seed`` too, so a run is a pure function of its config, and a run killed at any point
+and
 resumed from its last checkpoint (``train(..., resume=True)``) logs the same metrics bit for bit (apart from
 ``time``).
 """
@@ -42,7 +45,7 @@ from jbptt.cells import CELLS, Cell, learned_initial_carry, stack, trainable_mas
 from jbptt.config import Config, ConfigError, dump_config
 from jbptt.estimator import GradientEstimator, make_estimator
 from jbptt.tasks import Task, make_task
-from jbptt.train import TrainState, init_train_state, make_train_step
+from jbptt.train import init_train_state, make_train_step
 from jbptt.unroll import unroll, with_step_keys
 
 STATUS_EXIT_CODES = {"completed": 0, "early_stopped": 0, "halted_nan": 1}
@@ -72,14 +75,18 @@ def _dtype(cfg: Config):
 
 
 def build_cell(cfg: Config, output_size: int, source: str = "<config>") -> Cell:
-    """The model of ``cfg.model``: stacked cells, a linear readout to ``output_size``, optional learned carry."""
+    """The model of ``cfg.model``: stacked cells, a linear readout to ``output_size``, optional learned
+    carry."""
     m = cfg.model
     try:
         layers = [CELLS[m.cell](m.hidden, dtype=_dtype(cfg), **m.options) for _ in range(m.layers)]
     except (TypeError, ValueError) as e:
         raise ConfigError("model.options", f"cell {m.cell!r}: {e}", source) from None
-    core = layers[0] if len(layers) == 1 and m.dropout == 0 else stack(layers, residual=m.residual,
-                                                                       dropout_rate=m.dropout)
+    core = (
+        layers[0]
+        if len(layers) == 1 and m.dropout == 0
+        else stack(layers, residual=m.residual, dropout_rate=m.dropout)
+    )
     cell = with_readout(core, output_size)
     return learned_initial_carry(cell) if m.learned_initial_carry else cell
 
@@ -92,12 +99,17 @@ def build_schedule(cfg: Config, source: str = "<config>"):
     if o.schedule == "cosine":
         return optax.cosine_decay_schedule(o.lr, steps, alpha=o.end_lr_fraction)
     if o.warmup_steps >= steps:
-        raise ConfigError("optimizer.warmup_steps", f"must be < training.steps ({steps}), got {o.warmup_steps}",
-                          source)
+        raise ConfigError(
+            "optimizer.warmup_steps", f"must be < training.steps ({steps}), got {o.warmup_steps}", source
+        )
     if o.schedule == "warmup":
-        return optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps),
-                                     optax.constant_schedule(o.lr)], [o.warmup_steps])
-    return optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, steps, end_value=o.lr * o.end_lr_fraction)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
+            [o.warmup_steps],
+        )
+    return optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, o.warmup_steps, steps, end_value=o.lr * o.end_lr_fraction
+    )
 
 
 def penalties(l1: float, l2: float) -> optax.GradientTransformation:
@@ -110,12 +122,20 @@ def penalties(l1: float, l2: float) -> optax.GradientTransformation:
 
 
 def build_optimizer(cfg: Config, params, source: str = "<config>"):
-    """``(optimizer, schedule)`` for ``cfg.optimizer``; parameters under a ``"fixed"`` key are never updated."""
+    """``(optimizer, schedule)`` for ``cfg.optimizer``; parameters under a ``"fixed"`` key are never
+    updated."""
     o = cfg.optimizer
     schedule = build_schedule(cfg, source)
-    ctor = {"sgd": optax.sgd, "momentum": optax.sgd, "nesterov": optax.sgd, "adam": optax.adam,
-            "adamw": optax.adamw, "adagrad": optax.adagrad, "adadelta": optax.adadelta,
-            "rmsprop": optax.rmsprop}[o.name]
+    ctor = {
+        "sgd": optax.sgd,
+        "momentum": optax.sgd,
+        "nesterov": optax.sgd,
+        "adam": optax.adam,
+        "adamw": optax.adamw,
+        "adagrad": optax.adagrad,
+        "adadelta": optax.adadelta,
+        "rmsprop": optax.rmsprop,
+    }[o.name]
     kwargs = dict(o.options)
     if o.name in ("momentum", "nesterov"):
         kwargs.setdefault("momentum", o.momentum)
@@ -146,7 +166,8 @@ def build_optimizer(cfg: Config, params, source: str = "<config>"):
 
 
 def build_estimator(cfg: Config, cell: Cell, loss_fn, source: str = "<config>") -> GradientEstimator | None:
-    """The gradient estimator of ``cfg.estimator`` (``None`` for ``esn``), with the remat scan if configured."""
+    """The gradient estimator of ``cfg.estimator`` (``None`` for ``esn``), with the remat scan if
+    configured."""
     e = cfg.estimator
     if e.name == "esn":
         from jbptt.esn import check_esn_config
@@ -158,8 +179,11 @@ def build_estimator(cfg: Config, cell: Cell, loss_fn, source: str = "<config>") 
         try:
             from jbptt import remat
         except ImportError:
-            raise ConfigError("remat.policy", f"policy {cfg.remat.policy!r} needs jbptt.remat, which this "
-                              "installation does not have", source) from None
+            raise ConfigError(
+                "remat.policy",
+                f"policy {cfg.remat.policy!r} needs jbptt.remat, which this installation does not have",
+                source,
+            ) from None
         try:
             options["scan"] = remat.scan_from_config({"policy": cfg.remat.policy, **cfg.remat.options})
         except (TypeError, ValueError) as err:
@@ -182,8 +206,11 @@ def build(cfg: Config, source: str = "<config>") -> Experiment:
     cell = build_cell(cfg, task.output_size, source)
     loss_fn = losses.get_loss(task.loss)
     estimator = build_estimator(cfg, cell, loss_fn, source)
-    params = jax.eval_shape(lambda: cell.init(jax.random.key(0), task.input_size)) if cfg.model.cell != "esn" \
+    params = (
+        jax.eval_shape(lambda: cell.init(jax.random.key(0), task.input_size))
+        if cfg.model.cell != "esn"
         else cell.init(jax.random.key(0), task.input_size)
+    )
     optimizer, schedule = build_optimizer(cfg, params, source)
     return Experiment(cfg, task, cell, loss_fn, estimator, optimizer, schedule)
 
@@ -192,32 +219,37 @@ def build(cfg: Config, source: str = "<config>") -> Experiment:
 # Evaluation.
 
 
-def make_evaluator(exp: Experiment, split: str, batch_size: int, n_batches: int, key):
-    """``evaluate(params) -> dict`` of the task's metrics (and ``loss``) averaged over fixed batches of ``split``."""
-    task, cell = exp.task, exp.cell
+def make_eval_fn(exp: Experiment):
+    """A jitted ``eval_fn(params, batch) -> dict`` of the task's metrics plus ``loss`` on one batch."""
 
     @jax.jit
-    def one(params, k):
-        b = task.sample(k, batch_size, split)
-        _, ys = unroll(cell, params, b.inputs, seq_lengths=b.seq_lengths, resets=b.resets)
-        m = dict(task.metrics(ys, b))
+    def eval_fn(params, b):
+        _, ys = unroll(exp.cell, params, b.inputs, seq_lengths=b.seq_lengths, resets=b.resets)
+        m = dict(exp.task.metrics(ys, b))
         m.setdefault("loss", losses.sequence_loss(exp.loss_fn, ys, b.targets, b.weights(ys.dtype)))
         return m
 
-    keys = [jax.random.fold_in(key, i) for i in range(n_batches)]
+    return eval_fn
+
+
+def make_evaluator(exp: Experiment, split: str, batch_size: int, n_batches: int, key, eval_fn=None):
+    """``evaluate(params) -> dict`` of the task's metrics (and ``loss``) averaged over ``n_batches`` fixed
+    batches of ``split`` (sampled once from ``key``). Evaluators sharing ``eval_fn`` share its compilation."""
+    eval_fn = eval_fn or make_eval_fn(exp)
+    batches = [exp.task.sample(jax.random.fold_in(key, i), batch_size, split) for i in range(n_batches)]
 
     def evaluate(params):
-        ms = [jax.device_get(one(params, k)) for k in keys]
+        ms = [jax.device_get(eval_fn(params, b)) for b in batches]
         return {name: float(np.mean([m[name] for m in ms])) for name in sorted(ms[0])}
 
     return evaluate
 
 
-def gradient_flow(exp: Experiment, params, key, batch_size: int):
-    """``||dL/dh_t||`` for every step ``t`` on a fixed validation batch (a list of floats)."""
+def make_gradient_flow(exp: Experiment, key, batch_size: int):
+    """``flow(params) -> list`` of ``||dL/dh_t||`` for every step ``t`` on a fixed validation batch."""
     b = exp.task.sample(key, batch_size, "val")
-    norms = jax.jit(lambda p: diagnostics.state_gradient_norms(exp.cell, exp.loss_fn, p, b))(params)
-    return [float(x) for x in np.asarray(norms)]
+    norms = jax.jit(lambda p: diagnostics.state_gradient_norms(exp.cell, exp.loss_fn, p, b))
+    return lambda params: [float(x) for x in np.asarray(norms(params))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,10 +283,15 @@ def _truncate_metrics(run_dir: str, last_step: int) -> None:
 
 def machine_info() -> dict:
     """A short description of the machine (for results tables)."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
-            "jax": jax.__version__}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+    }
 
 
 class Progress:
@@ -314,38 +351,65 @@ class _Loop(NamedTuple):
     gather: Callable  # state -> host TrainState
 
 
-def _make_loop(exp: Experiment, params, carry, source: str) -> _Loop:
+def _make_loop(exp: Experiment, params, carry, make_batch, source: str) -> _Loop:
+    """Training-loop functions; ``step(state, i)`` trains on ``make_batch(i)`` (fused into one jit call on one
+    device)."""
     p = exp.config.parallel
     if p.mode == "none":
-        step = jax.jit(make_train_step(exp.estimator, exp.optimizer))
-        return _Loop(lambda pr, c: init_train_state(exp.estimator, exp.optimizer, pr, c), lambda s: s, step,
-                     lambda s: s)
+        train_step = make_train_step(exp.estimator, exp.optimizer)
+        step = jax.jit(lambda state, i: train_step(state, make_batch(i)))
+        return _Loop(
+            lambda pr, c: init_train_state(exp.estimator, exp.optimizer, pr, c),
+            lambda s: s,
+            step,
+            lambda s: s,
+        )
     try:
         from jbptt import parallel
     except ImportError:
-        raise ConfigError("parallel.mode", f"mode {p.mode!r} needs jbptt.parallel, which this installation does "
-                          "not have", source) from None
+        raise ConfigError(
+            "parallel.mode",
+            f"mode {p.mode!r} needs jbptt.parallel, which this installation does not have",
+            source,
+        ) from None
     try:
-        dp = parallel.data_parallel(exp.estimator, exp.optimizer, params, carry, mode=p.mode, devices=p.devices)
+        dp = parallel.data_parallel(
+            exp.estimator, exp.optimizer, params, carry, mode=p.mode, devices=p.devices
+        )
     except ValueError as e:
         raise ConfigError("parallel", str(e), source) from None
-    return _Loop(dp.init, dp.place, dp.step, dp.gather)
+    batch_fn = jax.jit(make_batch)
+    return _Loop(dp.init, dp.place, lambda state, i: dp.step(state, batch_fn(i)), dp.gather)
 
 
 def _runner_state(data_key, elapsed=0.0):
     """The runner's own bookkeeping, checkpointed with the train state."""
-    return {"data_key": jax.random.key_data(data_key), "best": np.float64(np.nan), "best_step": np.int64(-1),
-            "bad_evals": np.int64(0), "log_sum": np.zeros(2, np.float64), "log_count": np.int64(0),
-            "skipped": np.int64(0), "elapsed": np.float64(elapsed)}
+    return {
+        "data_key": jax.random.key_data(data_key),
+        "best": np.float64(np.nan),
+        "best_step": np.int64(-1),
+        "bad_evals": np.int64(0),
+        "log_sum": np.zeros(2, np.float64),
+        "log_count": np.int64(0),
+        "skipped": np.int64(0),
+        "elapsed": np.float64(elapsed),
+    }
 
 
-def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quiet: bool = True,
-          source: str = "<config>") -> dict:
+def train(
+    cfg: Config,
+    run_dir: str | None = None,
+    *,
+    resume: bool = False,
+    quiet: bool = True,
+    source: str = "<config>",
+) -> dict:
     """Trains the model of ``cfg`` and returns the run's summary (also written to ``summary.json``).
 
     Args:
       cfg: a validated :class:`~jbptt.config.Config`.
-      run_dir: the run folder (default: a new ``<root>/<name>-<timestamp>``). With ``resume=True`` it must hold a
+      run_dir: the run folder (default: a new ``<root>/<name>-<timestamp>``). With ``resume=True`` it must
+      hold a
         run: its checkpoint is restored and training continues (``cfg`` should be the run's ``config.yaml``).
       quiet: no progress bar on stderr.
       source: the config's file name, for error messages.
@@ -368,7 +432,16 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quie
     init_key, data_key, dropout_key, eval_key, flow_key = (jax.random.fold_in(root, i) for i in range(5))
     params = exp.cell.init(init_key, exp.task.input_size)
     carry = exp.cell.initial_carry(params, (t.batch_size,))
-    loop = _make_loop(exp, params, carry, source)
+    dropout = cfg.model.dropout > 0
+
+    def make_batch(step):
+        """The training batch of step ``step`` (a pure function of the seed and the step)."""
+        b = exp.task.sample(jax.random.fold_in(data_key, step), t.batch_size, "train")
+        if dropout:
+            b = b._replace(inputs=with_step_keys(b.inputs, jax.random.fold_in(dropout_key, step)))
+        return b
+
+    loop = _make_loop(exp, params, carry, make_batch, source)
 
     if resume:
         if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.yaml")):
@@ -387,30 +460,27 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quie
     best_params = params
     if resume:
         host_state, rs, best_params = ckpt.load(last_path, (host_state, rs, best_params))
-        data_key = jax.random.wrap_key_data(rs["data_key"])
+        if not np.array_equal(rs["data_key"], jax.random.key_data(data_key)):
+            raise ckpt.CheckpointError(f"checkpoint {last_path} was written by a run with another seed")
         _truncate_metrics(run_dir, int(host_state.step))
     state = loop.place(host_state)
     start = int(host_state.step)
 
     flows = {}
+    flow = make_gradient_flow(exp, flow_key, lg.gradient_flow_batch) if lg.gradient_flow else None
     if lg.gradient_flow:
         if resume and os.path.exists(flow_path):
             with open(flow_path) as f:
                 flows = json.load(f)
         if "start" not in flows:
-            flows["start"] = {"step": 0, "norms": gradient_flow(exp, params, flow_key, lg.gradient_flow_batch)}
+            flows["start"] = {
+                "step": 0,
+                "norms": flow(params),
+            }
             ckpt.atomic_write(flow_path, json.dumps(flows))
 
-    dropout = cfg.model.dropout > 0
-
-    @jax.jit
-    def train_batch(step):
-        b = exp.task.sample(jax.random.fold_in(data_key, step), t.batch_size, "train")
-        if dropout:
-            b = b._replace(inputs=with_step_keys(b.inputs, jax.random.fold_in(dropout_key, step)))
-        return b
-
-    evaluate = make_evaluator(exp, "val", t.eval_batch_size, t.eval_batches, eval_key)
+    eval_fn = make_eval_fn(exp)
+    evaluate = make_evaluator(exp, "val", t.eval_batch_size, t.eval_batches, eval_key, eval_fn)
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
     higher = exp.task.higher_is_better
     t0 = time.monotonic() - float(rs["elapsed"])
@@ -433,14 +503,16 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quie
     session_t0 = time.monotonic()
     with _Signals() as signals:
         while step < t.steps:
-            new_state, m = loop.step(state, train_batch(jnp.asarray(step, jnp.int32)))
+            new_state, m = loop.step(state, jnp.asarray(step, jnp.int32))
             loss, gnorm = (float(x) for x in jax.device_get((m["loss"], m["grad_norm"])))
             finite = math.isfinite(loss) and math.isfinite(gnorm)
             if not finite and t.on_nan == "halt":
                 status = "halted_nan"
-                message = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step + 1} "
-                           f"(loss {loss}, gradient norm {gnorm}); run halted, the last checkpoint "
-                           f"({last_path}) is left as it was")
+                message = (
+                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step + 1} "
+                    f"(loss {loss}, gradient norm {gnorm}); run halted, the last checkpoint "
+                    f"({last_path}) is left as it was"
+                )
                 break
             state, step = new_state, step + 1
             if finite:
@@ -451,9 +523,17 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quie
             progress.update(step, loss)
             if step % lg.log_every == 0 or step == t.steps:
                 n = max(int(rs["log_count"]), 1)
-                log({"step": step, "split": "train", "loss": float(rs["log_sum"][0] / n),
-                     "grad_norm": float(rs["log_sum"][1] / n), "lr": float(exp.schedule(step - 1)),
-                     "skipped": int(rs["skipped"]), "time": round(elapsed(), 3)})
+                log(
+                    {
+                        "step": step,
+                        "split": "train",
+                        "loss": float(rs["log_sum"][0] / n),
+                        "grad_norm": float(rs["log_sum"][1] / n),
+                        "lr": float(exp.schedule(step - 1)),
+                        "skipped": int(rs["skipped"]),
+                        "time": round(elapsed(), 3),
+                    }
+                )
                 rs["log_sum"], rs["log_count"] = np.zeros(2, np.float64), np.int64(0)
             stop = False
             if step % t.eval_every == 0 or step == t.steps:
@@ -462,9 +542,15 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quie
                 log({"step": step, "split": "val", **vm, "time": round(elapsed(), 3)})
                 value = vm[exp.task.metric]
                 best = float(rs["best"])
-                improved = math.isnan(best) or (value > best + t.min_delta if higher else value < best - t.min_delta)
+                improved = math.isnan(best) or (
+                    value > best + t.min_delta if higher else value < best - t.min_delta
+                )
                 if improved:
-                    rs["best"], rs["best_step"], rs["bad_evals"] = np.float64(value), np.int64(step), np.int64(0)
+                    rs["best"], rs["best_step"], rs["bad_evals"] = (
+                        np.float64(value),
+                        np.int64(step),
+                        np.int64(0),
+                    )
                     best_params = host.params
                     ckpt.save(best_path, host.params)
                 else:
@@ -479,28 +565,46 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quie
                 save_last(state)
                 status = "interrupted"
                 name = signal.Signals(signals.received).name
-                message = (f"{name} received: checkpoint saved at step {step}; continue with "
-                           f"`jbptt run --resume {run_dir}`")
+                message = (
+                    f"{name} received: checkpoint saved at step {step}; continue with "
+                    f"`jbptt run --resume {run_dir}`"
+                )
                 break
     progress.update(step, loss, force=True)
     progress.close()
     metrics_file.close()
 
     host = loop.gather(state)
-    summary = {"name": lg.name, "run_dir": run_dir, "status": status, "message": message, "steps": step,
-               "task": cfg.task.name, "metric": exp.task.metric, "higher_is_better": higher,
-               "estimator": cfg.estimator.name, "cell": cfg.model.cell}
+    summary = {
+        "name": lg.name,
+        "run_dir": run_dir,
+        "status": status,
+        "message": message,
+        "steps": step,
+        "task": cfg.task.name,
+        "metric": exp.task.metric,
+        "higher_is_better": higher,
+        "estimator": cfg.estimator.name,
+        "cell": cfg.model.cell,
+    }
     if status == "interrupted":
         summary["signal"] = int(signals.received)
     if status != "halted_nan" and status != "interrupted":
-        test = make_evaluator(exp, "test", t.eval_batch_size, t.eval_batches, jax.random.fold_in(eval_key, 1))
+        test = make_evaluator(
+            exp, "test", t.eval_batch_size, t.eval_batches, jax.random.fold_in(eval_key, 1), eval_fn
+        )
         summary["final"] = {"val": evaluate(host.params), "test": test(host.params)}
         if int(rs["best_step"]) >= 0:
-            summary["best"] = {"step": int(rs["best_step"]), "val": float(rs["best"]),
-                               "test": test(best_params)}
+            summary["best"] = {
+                "step": int(rs["best_step"]),
+                "val": float(rs["best"]),
+                "test": test(best_params),
+            }
         if lg.gradient_flow:
-            flows["end"] = {"step": step, "norms": gradient_flow(exp, host.params, flow_key,
-                                                                 lg.gradient_flow_batch)}
+            flows["end"] = {
+                "step": step,
+                "norms": flow(host.params),
+            }
             ckpt.atomic_write(flow_path, json.dumps(flows))
     records = read_metrics(run_dir)
     train_recs = [r for r in records if r["split"] == "train"]

@@ -1,4 +1,5 @@
-"""Text generation from a trained character-level model: warm up on a prompt, then sample with a temperature."""
+"""Text generation from a trained character-level model: warm up on a prompt, then sample with a
+temperature."""
 
 from __future__ import annotations
 

@@ -8,12 +8,25 @@ import yaml
 
 def tiny_raw(root, **sections):
     """A raw config dict for a run that takes a second or two."""
-    raw = {"task": {"name": "adding", "options": {"length": 8}},
-           "model": {"cell": "gru", "hidden": 8},
-           "optimizer": {"name": "adam", "lr": 0.01, "clip_norm": 1.0},
-           "training": {"steps": 20, "batch_size": 8, "eval_every": 10, "eval_batch_size": 16,
-                        "checkpoint_every": 10},
-           "logging": {"root": str(root), "name": "tiny", "log_every": 5, "plots": False, "gradient_flow": False}}
+    raw = {
+        "task": {"name": "adding", "options": {"length": 8}},
+        "model": {"cell": "elman", "hidden": 8},
+        "optimizer": {"name": "adam", "lr": 0.01, "clip_norm": 1.0},
+        "training": {
+            "steps": 20,
+            "batch_size": 8,
+            "eval_every": 10,
+            "eval_batch_size": 16,
+            "checkpoint_every": 10,
+        },
+        "logging": {
+            "root": str(root),
+            "name": "tiny",
+            "log_every": 5,
+            "plots": False,
+            "gradient_flow": False,
+        },
+    }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values} if isinstance(values, dict) else values
     return raw

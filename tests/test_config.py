@@ -20,9 +20,18 @@ BAD = [
     ("unknown optimizer", {"optimizer": {"name": "adamm"}}, "optimizer.name", "unknown optimizer"),
     ("unknown cell", {"model": {"cell": "lstn"}}, "model.cell", "unknown cell"),
     ("unknown task", {"task": {"name": "addding"}}, "task.name", "unknown task"),
-    ("bad task option", {"task": {"name": "delayed_recall", "options": {"length": 5, "lag": 9}}}, "task.options",
-     "lag < length"),
-    ("unknown task option", {"task": {"name": "adding", "options": {"lenght": 5}}}, "task.options", "no option"),
+    (
+        "bad task option",
+        {"task": {"name": "delayed_recall", "options": {"length": 5, "lag": 9}}},
+        "task.options",
+        "lag < length",
+    ),
+    (
+        "unknown task option",
+        {"task": {"name": "adding", "options": {"lenght": 5}}},
+        "task.options",
+        "no option",
+    ),
     ("bad cell option", {"model": {"options": {"activaton": "relu"}}}, "model.options", "activaton"),
     ("unknown estimator", {"estimator": {"name": "bptx"}}, "estimator.name", "unknown estimator"),
     ("bad estimator option", {"estimator": {"options": {"k9": 1}}}, "estimator.options", "k9"),
@@ -63,10 +72,15 @@ def test_bad_override_and_yaml(tmp_path, capsys):
 
 def test_override_parsing():
     assert parse_override("optimizer.lr=3e-4") == (["optimizer", "lr"], "3e-4")  # YAML: a string...
-    assert parse_config({"task": {"name": "adding"}, "optimizer": {"lr": "3e-4"}}).optimizer.lr == 3e-4  # ...a float
+    assert (
+        parse_config({"task": {"name": "adding"}, "optimizer": {"lr": "3e-4"}}).optimizer.lr == 3e-4
+    )  # ...a float
     assert parse_override("model.hidden=128") == (["model", "hidden"], 128)
     assert parse_override("training.patience=null") == (["training", "patience"], None)
-    assert parse_override("estimator.options={k1: 10, k2: 20}") == (["estimator", "options"], {"k1": 10, "k2": 20})
+    assert parse_override("estimator.options={k1: 10, k2: 20}") == (
+        ["estimator", "options"],
+        {"k1": 10, "k2": 20},
+    )
     assert parse_override("logging.name=a=b") == (["logging", "name"], "a=b")
     raw = apply_overrides({"task": {"name": "adding"}}, ["estimator.options.k1=5", "task.options.length=7"])
     assert raw == {"task": {"name": "adding", "options": {"length": 7}}, "estimator": {"options": {"k1": 5}}}

@@ -7,9 +7,15 @@ import pytest
 
 from jbptt.tasks import TASKS, mackey_glass, make_task, text
 
-SMALL = {"copy": dict(length=3, lag=4), "delayed_recall": dict(length=12, lag=3),
-         "adding": dict(length=10), "brackets": dict(length=16), "digits": {}, "chars": dict(seq_len=20),
-         "mackey_glass": dict(length=30)}
+SMALL = {
+    "copy": dict(length=3, lag=4),
+    "delayed_recall": dict(length=12, lag=3),
+    "adding": dict(length=10),
+    "brackets": dict(length=16),
+    "digits": {},
+    "chars": dict(seq_len=20),
+    "mackey_glass": dict(length=30),
+}
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

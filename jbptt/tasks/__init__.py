@@ -108,8 +108,10 @@ def split_key(key, split: str):
 def classification_metrics(ys, batch: Batch):
     """``{"loss": cross-entropy (nats), "accuracy"}`` over the masked steps. ``ys: [B, T, C]`` logits."""
     w = batch.weights(ys.dtype)
-    return {"loss": weighted_mean(cross_entropy(ys, batch.targets), w),
-            "accuracy": accuracy(ys, batch.targets, w)}
+    return {
+        "loss": weighted_mean(cross_entropy(ys, batch.targets), w),
+        "accuracy": accuracy(ys, batch.targets, w),
+    }
 
 
 def regression_metrics(ys, batch: Batch):
@@ -137,5 +139,17 @@ def take_rows(key, n_rows: int, batch_size: int):
 # Import the task modules so that they register themselves.
 from jbptt.tasks import digits, mackey_glass, synthetic, text  # noqa: E402
 
-__all__ = ["SPLITS", "TASKS", "Task", "classification_metrics", "digits", "mackey_glass", "make_task",
-           "register_task", "regression_metrics", "synthetic", "task_options", "text"]
+__all__ = [
+    "SPLITS",
+    "TASKS",
+    "Task",
+    "classification_metrics",
+    "digits",
+    "mackey_glass",
+    "make_task",
+    "register_task",
+    "regression_metrics",
+    "synthetic",
+    "task_options",
+    "text",
+]

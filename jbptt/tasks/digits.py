@@ -28,7 +28,7 @@ def load_digits_splits(val_fraction: float = 0.15, test_fraction: float = 0.15):
     labels = data.target.astype(np.int32)
     order = np.random.default_rng(0).permutation(len(labels))
     n_val, n_test = int(len(order) * val_fraction), int(len(order) * test_fraction)
-    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     return {k: (images[np.sort(v)], labels[np.sort(v)]) for k, v in parts.items()}
 
 
@@ -60,5 +60,14 @@ def digits(mode: str = "rows", dtype: str = "float32") -> Task:
         return Batch(x[rows], targets, final_step_weights(B, T, dtype=dtype))
 
     sizes = {k: len(v[1]) for k, v in splits.items()}
-    return Task("digits", I, 10, "cross_entropy", sample, classification_metrics, "accuracy", True,
-                {"seq_len": T, "split_sizes": sizes})
+    return Task(
+        "digits",
+        I,
+        10,
+        "cross_entropy",
+        sample,
+        classification_metrics,
+        "accuracy",
+        True,
+        {"seq_len": T, "split_sizes": sizes},
+    )

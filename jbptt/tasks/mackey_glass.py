@@ -13,8 +13,16 @@ from jbptt.tasks import Task, check_split, register_task, regression_metrics
 
 
 @functools.lru_cache(maxsize=4)
-def mackey_glass_series(n: int = 12000, tau: float = 17.0, beta: float = 0.2, gamma: float = 0.1,
-                        power: float = 10.0, dt: float = 0.1, x0: float = 1.2, discard: int = 500):
+def mackey_glass_series(
+    n: int = 12000,
+    tau: float = 17.0,
+    beta: float = 0.2,
+    gamma: float = 0.1,
+    power: float = 10.0,
+    dt: float = 0.1,
+    x0: float = 1.2,
+    discard: int = 500,
+):
     """The Mackey-Glass series ``dx/dt = beta x(t - tau) / (1 + x(t - tau)^power) - gamma x(t)``.
 
     Integrated with 4th-order Runge-Kutta at step ``dt`` (the delayed term linearly interpolated from the
@@ -44,12 +52,13 @@ def mackey_glass_series(n: int = 12000, tau: float = 17.0, beta: float = 0.2, ga
         k3 = f(x[i] + 0.5 * dt * k2, xdh)
         k4 = f(x[i] + dt * k3, xd1)
         x[i + 1] = x[i] + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x[::sub][discard:discard + n]
+    return x[::sub][discard : discard + n]
 
 
 @register_task("mackey_glass")
-def mackey_glass(length: int = 100, horizon: int = 1, washout: int = 10, tau: float = 17.0,
-                 dtype: str = "float32") -> Task:
+def mackey_glass(
+    length: int = 100, horizon: int = 1, washout: int = 10, tau: float = 17.0, dtype: str = "float32"
+) -> Task:
     """Predict the Mackey-Glass series ``horizon`` steps ahead from windows of ``length`` steps.
 
     The 12,000-sample series is standardised (train mean and std) and cut into train (first 70%), validation
@@ -59,8 +68,10 @@ def mackey_glass(length: int = 100, horizon: int = 1, washout: int = 10, tau: fl
     Loss ``mse``; headline metric ``nrmse`` (RMSE divided by the targets' standard deviation).
     """
     if length <= washout or washout < 0 or horizon < 1:
-        raise ValueError(f"mackey_glass needs 0 <= washout < length and horizon >= 1, got length={length}, "
-                         f"washout={washout}, horizon={horizon}")
+        raise ValueError(
+            f"mackey_glass needs 0 <= washout < length and horizon >= 1, got length={length}, "
+            f"washout={washout}, horizon={horizon}"
+        )
     series = mackey_glass_series(tau=float(tau))
     n = len(series)
     bounds = {"train": (0, int(0.7 * n)), "val": (int(0.7 * n), int(0.85 * n)), "test": (int(0.85 * n), n)}
@@ -77,5 +88,14 @@ def mackey_glass(length: int = 100, horizon: int = 1, washout: int = 10, tau: fl
         mask = (offsets >= washout).astype(dtype)[None].repeat(batch_size, 0)
         return Batch(data[idx][..., None], data[idx + horizon][..., None], mask)
 
-    return Task("mackey_glass", 1, 1, "mse", sample, regression_metrics, "nrmse", False,
-                {"seq_len": length, "horizon": horizon, "mean": float(mean), "std": float(std)})
+    return Task(
+        "mackey_glass",
+        1,
+        1,
+        "mse",
+        sample,
+        regression_metrics,
+        "nrmse",
+        False,
+        {"seq_len": length, "horizon": horizon, "mean": float(mean), "std": float(std)},
+    )

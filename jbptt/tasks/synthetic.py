@@ -45,8 +45,17 @@ def copy(length: int = 10, lag: int = 20, n_symbols: int = 8, dtype: str = "floa
         mask = jnp.zeros((batch_size, T), dtype).at[:, start:].set(1)
         return Batch(x, targets, mask)
 
-    return Task("copy", n_symbols + 1, n_symbols, "cross_entropy", sample, classification_metrics, "accuracy",
-                True, {"seq_len": T, "chance_accuracy": 1.0 / n_symbols})
+    return Task(
+        "copy",
+        n_symbols + 1,
+        n_symbols,
+        "cross_entropy",
+        sample,
+        classification_metrics,
+        "accuracy",
+        True,
+        {"seq_len": T, "chance_accuracy": 1.0 / n_symbols},
+    )
 
 
 @register_task("delayed_recall")
@@ -66,12 +75,21 @@ def delayed_recall(length: int = 50, lag: int = 10, n_symbols: int = 4, dtype: s
 
     def sample(key, batch_size: int, split: str = "train"):
         ids = jax.random.randint(split_key(key, split), (batch_size, length), 0, n_symbols, jnp.int32)
-        targets = jnp.zeros_like(ids).at[:, lag:].set(ids[:, :length - lag])
+        targets = jnp.zeros_like(ids).at[:, lag:].set(ids[:, : length - lag])
         mask = (jnp.arange(length) >= lag).astype(dtype)[None].repeat(batch_size, 0)
         return Batch(one_hot(ids, n_symbols, dtype), targets, mask)
 
-    return Task("delayed_recall", n_symbols, n_symbols, "cross_entropy", sample, classification_metrics,
-                "accuracy", True, {"seq_len": length, "lag": lag, "chance_accuracy": 1.0 / n_symbols})
+    return Task(
+        "delayed_recall",
+        n_symbols,
+        n_symbols,
+        "cross_entropy",
+        sample,
+        classification_metrics,
+        "accuracy",
+        True,
+        {"seq_len": length, "lag": lag, "chance_accuracy": 1.0 / n_symbols},
+    )
 
 
 @register_task("adding")
@@ -100,16 +118,18 @@ def adding(length: int = 50, dtype: str = "float32") -> Task:
     def metrics(ys, batch):
         return {"mse": regression_metrics(ys, batch)["mse"]}
 
-    return Task("adding", 2, 1, "mse", sample, metrics, "mse", False,
-                {"seq_len": length, "baseline": 1.0 / 6.0})
+    return Task(
+        "adding", 2, 1, "mse", sample, metrics, "mse", False, {"seq_len": length, "baseline": 1.0 / 6.0}
+    )
 
 
 BRACKET_TOKENS = "()x"
 
 
 @register_task("brackets")
-def brackets(length: int = 40, max_depth: int = 6, p_open: float = 0.35, p_close: float = 0.35,
-             dtype: str = "float32") -> Task:
+def brackets(
+    length: int = 40, max_depth: int = 6, p_open: float = 0.35, p_close: float = 0.35, dtype: str = "float32"
+) -> Task:
     """Sequence tagging: label every token of a random bracket string with the nesting depth after it.
 
     Tokens (``BRACKET_TOKENS``) are ``"("``, ``")"`` and a filler ``"x"``, drawn with probabilities
@@ -122,8 +142,9 @@ def brackets(length: int = 40, max_depth: int = 6, p_open: float = 0.35, p_close
     _positive("brackets length", length)
     _positive("brackets max_depth", max_depth)
     if not (0 < p_open and 0 < p_close and p_open + p_close <= 1):
-        raise ValueError(f"brackets needs p_open, p_close > 0 with p_open + p_close <= 1, got {p_open}, "
-                         f"{p_close}")
+        raise ValueError(
+            f"brackets needs p_open, p_close > 0 with p_open + p_close <= 1, got {p_open}, {p_close}"
+        )
     probs = jnp.log(jnp.array([p_open, p_close, max(1.0 - p_open - p_close, 1e-9)]))
 
     def sample(key, batch_size: int, split: str = "train"):
@@ -139,5 +160,14 @@ def brackets(length: int = 40, max_depth: int = 6, p_open: float = 0.35, p_close
         mask = jnp.ones((batch_size, length), dtype)
         return Batch(one_hot(toks.T, 3, dtype), depths.T.astype(jnp.int32), mask)
 
-    return Task("brackets", 3, max_depth + 1, "cross_entropy", sample, classification_metrics, "accuracy",
-                True,                 {"seq_len": length, "tokens": BRACKET_TOKENS})
+    return Task(
+        "brackets",
+        3,
+        max_depth + 1,
+        "cross_entropy",
+        sample,
+        classification_metrics,
+        "accuracy",
+        True,
+        {"seq_len": length, "tokens": BRACKET_TOKENS},
+    )

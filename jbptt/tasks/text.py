@@ -77,12 +77,22 @@ def chars(seq_len: int = 100, dtype: str = "float32") -> Task:
         starts = jax.random.randint(key, (batch_size,), 0, ids.shape[0] - seq_len - 1)
         return lm_batch(ids[starts[:, None] + offsets[None]], dtype)
 
-    return Task("chars", len(VOCAB), len(VOCAB), "cross_entropy", sample, lm_metrics, "bpc", False,
-                {"seq_len": seq_len, "vocab": VOCAB, "split_sizes": {k: len(v) for k, v in data.items()}})
+    return Task(
+        "chars",
+        len(VOCAB),
+        len(VOCAB),
+        "cross_entropy",
+        sample,
+        lm_metrics,
+        "bpc",
+        False,
+        {"seq_len": seq_len, "vocab": VOCAB, "split_sizes": {k: len(v) for k, v in data.items()}},
+    )
 
 
-def text_stream(batch_size: int, seq_len: int, split: str = "train", *, dtype="float32",
-                repeat: bool = False) -> Iterator[Batch]:
+def text_stream(
+    batch_size: int, seq_len: int, split: str = "train", *, dtype="float32", repeat: bool = False
+) -> Iterator[Batch]:
     """Contiguous segments for stateful training: the split is cut into ``batch_size`` parallel streams and
     the ``k``-th yielded :class:`~jbptt.Batch` holds characters ``k * seq_len .. (k + 1) * seq_len`` of every
     stream,     so the final carry of one segment is the right initial carry of the next.
@@ -96,9 +106,9 @@ def text_stream(batch_size: int, seq_len: int, split: str = "train", *, dtype="f
     n_seg = (per - 1) // seq_len
     if n_seg < 1:
         raise ValueError(f"split {split!r} is too short for {batch_size} streams of segments of {seq_len}")
-    rows = np.stack([ids[b * per:(b + 1) * per] for b in range(batch_size)])
+    rows = np.stack([ids[b * per : (b + 1) * per] for b in range(batch_size)])
     while True:
         for k in range(n_seg):
-            yield lm_batch(rows[:, k * seq_len:(k + 1) * seq_len + 1], dtype)
+            yield lm_batch(rows[:, k * seq_len : (k + 1) * seq_len + 1], dtype)
         if not repeat:
             return
