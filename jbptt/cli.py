@@ -59,6 +59,9 @@ def _run(args) -> int:
                 return _err("run needs a CONFIG file (or --resume RUN_DIR)", 2)
             cfg = load_config(args.config, args.overrides)
             source = args.config
+        from jbptt.runner import start_processes
+
+        start_processes(cfg)  # multi-process JAX starts before anything touches a device
         if args.resume:
             from jbptt.runner import build
 

@@ -138,6 +138,11 @@ class ParallelConfig:
 
     mode: str = "none"
     devices: int | str = "auto"
+    # Multi-process (jax.distributed): unset values come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    # JAX_PROCESS_ID or cluster auto-detection (see jbptt.parallel.initialize_distributed).
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclass
@@ -385,4 +390,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         "parallel.devices",
         f"must be 'auto' or >= 1, got {d!r}",
     )
+    n, pid = cfg.parallel.num_processes, cfg.parallel.process_id
+    need(n is None or n >= 1, "parallel.num_processes", f"must be >= 1, got {n!r}")
+    need(pid is None or (pid >= 0 and (n is None or pid < n)), "parallel.process_id",
+         f"must be in [0, num_processes = {n}), got {pid!r}")
+    need(n is None or n == 1 or cfg.parallel.mode != "none", "parallel.mode",
+         f"is 'none' but num_processes = {n}; multi-process training needs pmap or sharded")
     need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")

@@ -66,8 +66,9 @@ from jbptt.estimator import Batch, GradientEstimator
 from jbptt.train import TrainState, init_train_state, make_train_step
 
 __all__ = [
-    "AXIS", "MODES", "DataParallel", "check_batch_divisible", "data_parallel", "initialize_distributed",
-    "is_main_process", "process_rows", "resolve_devices", "state_batch_axes", "weighted_pmean",
+    "AXIS", "MODES", "DataParallel", "check_batch_divisible", "data_parallel", "initial_est_state",
+    "initialize_distributed", "is_main_process", "maybe_initialize_distributed", "process_rows",
+    "resolve_devices", "state_batch_axes", "weighted_pmean",
 ]
 
 AXIS = "batch"
@@ -157,6 +158,27 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=timeout_s)
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+    """:func:`initialize_distributed` if several processes are asked for (by the arguments or
+    ``JAX_NUM_PROCESSES``) and JAX's distributed runtime is not running yet; returns True when it runs.
+
+    For the runner: a single-process config and environment leave JAX untouched.
+    """
+    n = num_processes if num_processes is not None else int(os.environ.get("JAX_NUM_PROCESSES", "1") or 1)
+    if n <= 1:
+        return False
+    if not _distributed_running():
+        initialize_distributed(coordinator_address, n, process_id)
+    return True
+
+
+def _distributed_running() -> bool:
+    from jax._src import distributed  # the public API offers no query; this is what jax.distributed uses
+
+    return distributed.global_state.client is not None
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -378,8 +378,23 @@ def _make_loop(exp: Experiment, params, carry, make_batch, source: str) -> _Loop
         )
     except ValueError as e:
         raise ConfigError("parallel", str(e), source) from None
-    batch_fn = jax.jit(make_batch)
+    if jax.process_count() > 1:  # every process draws the global batch and feeds only its own rows
+        rows = parallel.process_rows(dp.batch_size)
+        batch_fn = jax.jit(lambda i: jax.tree.map(lambda a: a[rows], make_batch(i)))
+    else:
+        batch_fn = jax.jit(make_batch)
     return _Loop(dp.init, dp.place, lambda state, i: dp.step(state, batch_fn(i)), dp.gather)
+
+
+def start_processes(cfg: Config) -> bool:
+    """Starts multi-process JAX (``jax.distributed``) when ``cfg.parallel`` or the environment asks for
+    several processes; call before anything touches a device. Returns True in a multi-process run."""
+    if cfg.parallel.mode == "none":
+        return False
+    from jbptt import parallel
+
+    p = cfg.parallel
+    return parallel.maybe_initialize_distributed(p.coordinator_address, p.num_processes, p.process_id)
 
 
 def _runner_state(data_key, elapsed=0.0):
@@ -422,6 +437,8 @@ def train(
       ConfigError: before anything is written, for any problem with the config.
       CheckpointError: when resuming from a missing, corrupt or mismatched checkpoint.
     """
+    start_processes(cfg)
+    main = jax.process_index() == 0  # only process 0 writes files in a multi-process run
     exp = build(cfg, source)
     if exp.estimator is None:
         from jbptt.esn import fit_esn
@@ -446,11 +463,12 @@ def train(
     if resume:
         if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.yaml")):
             raise ckpt.CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
-    else:
+    elif main:
         run_dir = run_dir or new_run_dir(cfg)
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
         ckpt.atomic_write(os.path.join(run_dir, "metrics.jsonl"), "")
+    run_dir = run_dir or new_run_dir(cfg)
     last_path = os.path.join(run_dir, "checkpoints", "last.msgpack")
     best_path = os.path.join(run_dir, "checkpoints", "best.msgpack")
     flow_path = os.path.join(run_dir, "gradient_flow.json")
@@ -472,7 +490,7 @@ def train(
         if resume and os.path.exists(flow_path):
             with open(flow_path) as f:
                 flows = json.load(f)
-        if "start" not in flows:
+        if "start" not in flows and main:
             flows["start"] = {
                 "step": 0,
                 "norms": flow(params),
@@ -481,11 +499,11 @@ def train(
 
     eval_fn = make_eval_fn(exp)
     evaluate = make_evaluator(exp, "val", t.eval_batch_size, t.eval_batches, eval_key, eval_fn)
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    metrics_file = open(os.path.join(run_dir, "metrics.jsonl") if main else os.devnull, "a")
     higher = exp.task.higher_is_better
     t0 = time.monotonic() - float(rs["elapsed"])
     status, message = "completed", None
-    progress = Progress(t.steps, start, quiet)
+    progress = Progress(t.steps, start, quiet or not main)
 
     def elapsed():
         return time.monotonic() - t0
@@ -496,7 +514,9 @@ def train(
 
     def save_last(st):
         rs["elapsed"] = np.float64(elapsed())
-        ckpt.save(last_path, (loop.gather(st), rs, best_params))
+        host_state = loop.gather(st)  # a collective: every process gathers, process 0 writes
+        if main:
+            ckpt.save(last_path, (host_state, rs, best_params))
 
     step = start
     loss = float("nan")
@@ -552,7 +572,8 @@ def train(
                         np.int64(0),
                     )
                     best_params = host.params
-                    ckpt.save(best_path, host.params)
+                    if main:
+                        ckpt.save(best_path, host.params)
                 else:
                     rs["bad_evals"] = rs["bad_evals"] + 1
                     if t.patience is not None and int(rs["bad_evals"]) >= t.patience:
@@ -600,19 +621,21 @@ def train(
                 "val": float(rs["best"]),
                 "test": test(best_params),
             }
-        if lg.gradient_flow:
+        if lg.gradient_flow and main:
             flows["end"] = {
                 "step": step,
                 "norms": flow(host.params),
             }
             ckpt.atomic_write(flow_path, json.dumps(flows))
-    records = read_metrics(run_dir)
+    records = read_metrics(run_dir) if main else []
     train_recs = [r for r in records if r["split"] == "train"]
     summary["train_loss"] = train_recs[-1]["loss"] if train_recs else None
     summary["skipped_steps"] = int(rs["skipped"])
     summary["wall_time_s"] = round(elapsed(), 2)
     summary["steps_per_s"] = round((step - start) / max(time.monotonic() - session_t0, 1e-9), 2)
     summary["machine"] = machine_info()
+    if not main:
+        return summary
     ckpt.atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
     if lg.plots and status not in ("halted_nan",):
         from jbptt import plots

@@ -28,6 +28,9 @@ def parse_args(argv=None):
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--coordinator")
+    parser.add_argument("--runner-config", help="also run this runner config on 4 devices (sharded) into "
+                                                "--runner-dir, the reference of the two-process CLI run")
+    parser.add_argument("--runner-dir")
     return parser.parse_args(argv)
 
 
@@ -175,6 +178,13 @@ def single_checks(names, short_names):
         out["indivisible_error"] = None
     except ValueError as e:
         out["indivisible_error"] = str(e)
+    if ARGS is not None and ARGS.runner_config:  # last: it runs with float64 off, like `jbptt run`
+        from jbptt.config import load_config
+        from jbptt.runner import train
+
+        jax.config.update("jax_enable_x64", False)
+        cfg = load_config(ARGS.runner_config, ["parallel.mode=sharded", "parallel.devices=4"])
+        out["runner"] = train(cfg, ARGS.runner_dir)["status"]
     return out
 
 

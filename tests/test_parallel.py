@@ -10,8 +10,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
+from runner_helpers import metrics_without_time, tiny_raw, write_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -27,43 +29,70 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env():
-    env = dict(os.environ)
+def _env(**extra):
+    env = {**os.environ, **extra}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("XLA_FLAGS", None)
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """Runs the 8-device worker and the two-process run concurrently; returns (single, multi) result dicts."""
-    out = tmp_path_factory.mktemp("parallel")
-    common = [sys.executable, WORKER]
-    single = [*common, "single", "--devices", "8", "--out", str(out / "single.json"),
-              "--estimators", ",".join(EXACT), "--short", ",".join(SHORT)]
-    port = free_port()
-    multi = [[*common, "multi", "--devices", "2", "--out", str(out / f"multi{p}.json"),
-              "--short", ",".join(SHORT), "--process-id", str(p), "--num-processes", "2",
-              "--coordinator", f"127.0.0.1:{port}"]
-             for p in range(2)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for cmd in [single, *multi]]
-    logs = []
+def run_all(commands, out):
+    """Starts every ``(argv, extra_env)`` at once; returns their exit codes and logs. A process that fails
+    ends the others at once (its peers would wait for it), and none outlives ``TIME_LIMIT_S``."""
+    procs, files = [], []
     try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=TIME_LIMIT_S)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"parallel workers did not finish within {TIME_LIMIT_S} s")
+        for i, (cmd, extra) in enumerate(commands):
+            files.append(open(out / f"log{i}.txt", "w+"))
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(**extra), stdout=files[-1],
+                                          stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIME_LIMIT_S
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.1)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
-    for proc, log in zip(procs, logs, strict=True):
-        assert proc.returncode == 0, log[-4000:]
+            proc.wait()
+    logs = []
+    for f in files:
+        f.seek(0)
+        logs.append(f.read())
+        f.close()
+    return [p.returncode for p in procs], logs
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Runs, all at once: the 8-device worker (which also runs the runner's 4-device reference), two worker
+    processes of a 2 x 2-device library run, and two `jbptt run` processes of a 2 x 2-device runner run (one
+    configured by dotted overrides, the other by the JAX_* environment variables). Returns the results."""
+    out = tmp_path_factory.mktemp("parallel")
+    config = write_config(out / "tiny.yaml", tiny_raw(out / "runs"))
+    common = [sys.executable, WORKER]
+    single = [*common, "single", "--devices", "8", "--out", str(out / "single.json"),
+              "--estimators", ",".join(EXACT), "--short", ",".join(SHORT), "--runner-config", config,
+              "--runner-dir", str(out / "run4")]
+    port, cli_port = free_port(), free_port()
+    multi = [[*common, "multi", "--devices", "2", "--out", str(out / f"multi{p}.json"),
+              "--short", ",".join(SHORT), "--process-id", str(p), "--num-processes", "2",
+              "--coordinator", f"127.0.0.1:{port}"] for p in range(2)]
+    run = [sys.executable, "-m", "jbptt", "run", config, "parallel.mode=sharded"]
+    cli = [[*run, "parallel.num_processes=2", "parallel.process_id=0",
+            f"parallel.coordinator_address=127.0.0.1:{cli_port}", "--quiet", "--run-dir", str(out / "cli0")],
+           [*run, "--quiet", "--run-dir", str(out / "cli1")]]
+    cli_env = [{"JAX_NUM_CPU_DEVICES": "2"},
+               {"JAX_NUM_CPU_DEVICES": "2", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{cli_port}",
+                "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}]
+    commands = [(single, {}), *((m, {}) for m in multi), *zip(cli, cli_env, strict=True)]
+    codes, logs = run_all(commands, out)
+    for code, log in zip(codes, logs, strict=True):
+        assert code == 0, log[-4000:]
     assert not (out / "multi1.json").exists(), "only process 0 writes results"
-    return json.loads((out / "single.json").read_text()), json.loads((out / "multi0.json").read_text())
+    return {"single": json.loads((out / "single.json").read_text()),
+            "multi": json.loads((out / "multi0.json").read_text()), "dir": out}
 
 
 @pytest.mark.parametrize("mode", ["pmap", "sharded"])
@@ -71,7 +100,7 @@ def results(tmp_path_factory):
 def test_one_step_equals_single_device_float64(results, name, mode):
     """Three steps (per-example estimator state carried between them) equal the whole-batch step, 1e-10;
     the first step's gradient equals plain ``jax.grad`` BPTT on the whole batch."""
-    single, _ = results
+    single = results["single"]
     assert single["devices"] == 8
     r = single["exact"][name][mode]
     assert r["dtype"] == "float64"
@@ -84,7 +113,7 @@ def test_one_step_equals_single_device_float64(results, name, mode):
 @pytest.mark.parametrize("mode", ["pmap", "sharded"])
 @pytest.mark.parametrize("name", SHORT)
 def test_ten_steps_identical_across_modes_float32(results, name, mode):
-    single, _ = results
+    single = results["single"]
     r = single["short"][name]
     assert r["dtype"] == "float32" and len(r["none_loss"]) == 10
     assert r[mode]["metrics"] <= 1e-6, r
@@ -93,7 +122,7 @@ def test_ten_steps_identical_across_modes_float32(results, name, mode):
 
 @pytest.mark.parametrize("mode", ["pmap", "sharded"])
 def test_two_processes_equal_one_process_with_four_devices(results, mode):
-    single, multi = results
+    single, multi = results["single"], results["multi"]
     assert (multi["process_count"], multi["devices"], multi["local_devices"]) == (2, 4, 2)
     name = SHORT[0]
     ref, got = single["short4"][name][mode], multi["short4"][name][mode]
@@ -103,8 +132,26 @@ def test_two_processes_equal_one_process_with_four_devices(results, mode):
             assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(b[k])), (k, a, b)
 
 
+def test_runner_two_processes_equal_one_process_with_four_devices(results):
+    """`jbptt run` in two processes (2 CPU devices each): process 0 writes the run, process 1 writes nothing,
+    and the logged metrics equal the single-process 4-device run's."""
+    out = results["dir"]
+    assert results["single"]["runner"] == "completed"
+    assert not (out / "cli1").exists(), "only process 0 writes the run folder"
+    ref, got = metrics_without_time(out / "run4"), metrics_without_time(out / "cli0")
+    assert len(got) == len(ref) > 0 and [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(got, ref, strict=True):
+        assert a.keys() == b.keys()
+        for k, v in b.items():
+            if isinstance(v, float):
+                assert abs(a[k] - v) <= 1e-6 * max(1.0, abs(v)), (k, a, b)
+            else:
+                assert a[k] == v, (k, a, b)
+    assert (out / "cli0" / "summary.json").exists() and (out / "cli0" / "checkpoints" / "last.msgpack").exists()
+
+
 def test_indivisible_batch_names_both_numbers(results):
-    single, _ = results
+    single = results["single"]
     msg = single["indivisible_error"]
     assert msg is not None and "12" in msg and "8" in msg
 
@@ -126,7 +173,7 @@ def test_bench_scaling_smoke(tmp_path):
 
 
 def test_structure_change_gets_a_clear_error(results):
-    single, _ = results
+    single = results["single"]
     msg = single["structure_error"]
     assert msg is not None and "prepare" in msg and "prime_state" in msg
 
