@@ -7,6 +7,7 @@
 * strong scaling: a fixed global batch (``--batch``) split over n devices; ideal speed-up ``n``.
 * weak scaling: a fixed batch per device (``--per-device-batch``), global batch ``n * b``; ideal steps/s constant,
   so the reported efficiency ``steps/s(n) / steps/s(1)`` is ideally 1.
+* mode ``none`` (plain ``jit`` on one device) runs at n = 1 as the baseline of the wrappers' overhead.
 
 Each configuration is compiled and warmed up, then ``--steps`` steps are timed ``--repeats`` times (blocking on
 the result); the median is reported, with ratios to the 1-device run of the same mode measured in the same run.
@@ -32,7 +33,7 @@ def parse_args(argv=None):
                         help="largest device count to use (on CPU this many host devices are created; default: "
                              "8 on CPU, every device otherwise)")
     parser.add_argument("--counts", default="1,2,4,8", help="device counts to try (those <= --devices)")
-    parser.add_argument("--modes", default="pmap,sharded")
+    parser.add_argument("--modes", default="none,pmap,sharded", help="'none' runs at n = 1 only (baseline)")
     parser.add_argument("--scaling", default="strong,weak")
     parser.add_argument("--estimator", default="bptt")
     parser.add_argument("--cell", default="lstm", choices=["lstm", "gru", "elman"])
@@ -109,6 +110,8 @@ def main(argv=None):
     for scaling in scalings:
         for mode in modes:
             for n in counts:
+                if mode == "none" and n != 1:  # the plain single-device jit step: a baseline for n = 1
+                    continue
                 B = args.batch if scaling == "strong" else args.per_device_batch * n
                 if B % n:
                     print(f"skip {scaling} {mode} n={n}: batch {B} does not divide by {n}", file=sys.stderr)
@@ -121,6 +124,9 @@ def main(argv=None):
         base = next(b for b in rows if b["scaling"] == r["scaling"] and b["mode"] == r["mode"]
                     and b["devices"] == counts[0])
         r["ratio_vs_1"] = r["steps_per_s"] / base["steps_per_s"]  # strong: speed-up; weak: efficiency
+        none = [b for b in rows if b["scaling"] == r["scaling"] and b["mode"] == "none"]
+        if none:  # against the plain single-device step (the overhead of the wrapper at n = 1)
+            r["ratio_vs_none"] = r["steps_per_s"] / none[0]["steps_per_s"]
 
     print(table(rows, counts))
     result = {"benchmark": "bench_scaling", "platform": devices[0].platform, "device_kind": devices[0].device_kind,
