@@ -25,6 +25,9 @@ RESUME_OVERRIDABLE = (
     "training.eval_every",
     "training.checkpoint_every",
     "logging.",
+    "parallel.coordinator_address",  # how the processes of a multi-process run are launched
+    "parallel.num_processes",
+    "parallel.process_id",
 )
 
 
@@ -66,7 +69,10 @@ def _run(args) -> int:
             from jbptt.runner import build
 
             build(cfg, source)
-            atomic_write(os.path.join(args.resume, "config.yaml"), dump_config(cfg))
+            import jax
+
+            if jax.process_index() == 0:  # in a multi-process run only process 0 writes
+                atomic_write(os.path.join(args.resume, "config.yaml"), dump_config(cfg))
         summary = train(
             cfg, args.resume or args.run_dir, resume=bool(args.resume), quiet=args.quiet, source=source
         )
