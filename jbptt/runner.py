@@ -480,7 +480,8 @@ def train(
         host_state, rs, best_params = ckpt.load(last_path, (host_state, rs, best_params))
         if not np.array_equal(rs["data_key"], jax.random.key_data(data_key)):
             raise ckpt.CheckpointError(f"checkpoint {last_path} was written by a run with another seed")
-        _truncate_metrics(run_dir, int(host_state.step))
+        if main:
+            _truncate_metrics(run_dir, int(host_state.step))
     state = loop.place(host_state)
     start = int(host_state.step)
 
