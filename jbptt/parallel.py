@@ -170,15 +170,9 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
     n = num_processes if num_processes is not None else int(os.environ.get("JAX_NUM_PROCESSES", "1") or 1)
     if n <= 1:
         return False
-    if not _distributed_running():
+    if not jax.distributed.is_initialized():
         initialize_distributed(coordinator_address, n, process_id)
     return True
-
-
-def _distributed_running() -> bool:
-    from jax._src import distributed  # the public API offers no query; this is what jax.distributed uses
-
-    return distributed.global_state.client is not None
 
 
 # ------------------------------------------------------------------------------------------------------------
