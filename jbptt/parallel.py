@@ -119,7 +119,8 @@ def check_batch_divisible(batch_size: int, num_devices: int, *, what: str = "bat
 def process_rows(batch_size: int) -> slice:
     """The rows ``[p * B / P, (p + 1) * B / P)`` of a global batch ``B = batch_size`` that process p feeds."""
     count, index = jax.process_count(), jax.process_index()
-    check_batch_divisible(batch_size, count, what=f"global batch size (over {count} processes)")
+    if batch_size % count:
+        raise ValueError(f"global batch size {batch_size} does not divide by the number of processes {count}")
     per = batch_size // count
     return slice(index * per, (index + 1) * per)
 
