@@ -18,7 +18,7 @@ from runner_helpers import metrics_without_time, tiny_raw, write_config
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "parallel_worker.py")
-EXACT = ["bptt", "tbptt", "rtrl"]         # estimators checked step for step in float64
+EXACT = ["bptt", "tbptt", "rtrl", "snap1"]         # estimators checked step for step in float64
 SHORT = ["bptt"]          # estimators run ten float32 steps in every mode
 TIME_LIMIT_S = 300
 
@@ -106,7 +106,7 @@ def test_one_step_equals_single_device_float64(results, name, mode):
     assert r["dtype"] == "float64"
     for what in ("loss", "grads", "params", "est_state"):
         assert r[what] <= 1e-10, (name, mode, what, r[what])
-    if name != "tbptt":  # TBPTT(2, 3) truncates; its reference is the single-device step above
+    if name in ("bptt", "rtrl"):  # TBPTT(2, 3) and SnAp-1 approximate: their reference is the step above
         assert r["first_grads_vs_bptt"] <= 1e-10, (name, mode, r["first_grads_vs_bptt"])
 
 
@@ -259,3 +259,29 @@ def test_bad_mode_and_device_count_errors():
         parallel.data_parallel(est, optax.sgd(0.1), params, carry, mode="sharded", devices=n + 1)
     with pytest.raises(ValueError, match="'auto' or a positive integer"):
         parallel.data_parallel(est, optax.sgd(0.1), params, carry, mode="pmap", devices="all")
+
+
+def test_every_registered_estimator_has_a_batch_axis_layout():
+    """The axis rule classifies every registered estimator's state: per-example carries and traces are
+    sharded, keys replicated (B = 3 = hidden size, so sizes alone could not tell)."""
+    import jax
+
+    import jbptt
+    from jbptt import cells, losses, parallel
+    from jbptt.estimator import ESTIMATORS, _import_builtin_estimators
+
+    _import_builtin_estimators()
+    cell = cells.with_readout(cells.elman(3), 2)
+    params = cell.init(jax.random.key(0), 2)
+    carry = cell.initial_carry(params, (3,))
+    options = {"tbptt": {"k1": 2, "k2": 2, "artbp": 0.1}}
+    assert {"bptt", "tbptt", "rtrl", "uoro", "snap1"} <= set(ESTIMATORS)
+    for name in sorted(ESTIMATORS):
+        axes = parallel.state_batch_axes(jbptt.make_estimator(name, cell, losses.mse, **options.get(name, {})),
+                                         params, carry)
+        assert all(jax.tree_util.tree_leaves(axes.carry)), name
+        for field in ("trace", "since_truncation"):
+            if hasattr(axes, field):
+                assert all(jax.tree_util.tree_leaves(getattr(axes, field))), (name, field)
+        if getattr(axes, "key", None) is not None:
+            assert axes.key is False, name
