@@ -303,6 +303,8 @@ class Progress:
 
     def update(self, step: int, loss: float, force: bool = False):
         now = time.monotonic()
+        if step == self.start + 1:  # the rate is measured from the first (compiled) step on
+            self.t0, self.start = now, step
         if self.quiet or (not force and now - self.last < 0.25):
             return
         self.last = now
