@@ -576,7 +576,6 @@ def train(
     progress.close()
     metrics_file.close()
 
-    host = loop.gather(state)
     summary = {
         "name": lg.name,
         "run_dir": run_dir,
@@ -592,6 +591,7 @@ def train(
     if status == "interrupted":
         summary["signal"] = int(signals.received)
     if status != "halted_nan" and status != "interrupted":
+        host = loop.gather(state)  # (after a halt the state may have been donated to the failed step)
         test = make_evaluator(
             exp, "test", t.eval_batch_size, t.eval_batches, jax.random.fold_in(eval_key, 1), eval_fn
         )
