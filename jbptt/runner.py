@@ -380,7 +380,9 @@ def _make_loop(exp: Experiment, params, carry, make_batch, source: str) -> _Loop
         )
     except ValueError as e:
         raise ConfigError("parallel", str(e), source) from None
-    batch_fn = jax.jit(make_batch)
+    # In a multi-process run each process feeds only its own rows of the global batch.
+    rows = parallel.process_rows(exp.config.training.batch_size) if jax.process_count() > 1 else slice(None)
+    batch_fn = jax.jit(lambda i: jax.tree.map(lambda a: a[rows], make_batch(i)))
     return _Loop(dp.init, dp.place, lambda state, i: dp.step(state, batch_fn(i)), dp.gather)
 
 
