@@ -57,3 +57,13 @@ def test_char_lm_stream_smoke(tmp_path):
     result = char_lm_tbptt.main(["--config", str(path), "--quiet"])
     assert result["chunks"] == 4 and 0 < result["final_val_bpc"] < 7.0 and result["train_chars_per_s"] > 0
     assert os.path.getsize(tmp_path / "char_lm_tbptt.json") > 0
+
+
+def test_readme_tbptt_example_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Truncated BPTT (`jbptt.tbptt`)", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
