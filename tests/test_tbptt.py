@@ -160,7 +160,7 @@ def test_scan_option_is_used_inside_chunks(key):
 
 def test_stream_equals_batch_gradients(key, k1=3, k2=8):
     """Feeding the sequence chunk by chunk (stateful) gives the same per-chunk gradients as one segment."""
-    cell, params, batch = make_problem("lstm", key)
+    cell, params, batch = make_problem("lstm", key, T=26)  # 9 chunks, the last one short
     batch = batch._replace(resets=batch.resets.at[:, 0].set(True))  # the stream starts at an episode start
     _, seg_grads, _ = segment_update(cell, params, batch, k1=k1, k2=k2)
     est = tbptt(cell, losses.mse, k1=k1, k2=k2, stateful=True)
@@ -182,7 +182,8 @@ def test_stream_equals_batch_gradients(key, k1=3, k2=8):
 def test_stream_training_equals_sequence_training(key, k1=3, k2=7):
     """train_stream over an iterator of chunks (short last chunk padded) = make_sequence_train_step on the whole
     sequence: one optimizer step per chunk in both, one compilation for every chunk of the stream."""
-    cell, params, batch = make_problem("gru", key, lengths=False)
+    T = 26  # 9 chunks, the last one short
+    cell, params, batch = make_problem("gru", key, T=T, lengths=False)
     est = tbptt(cell, losses.mse, k1=k1, k2=k2, stateful=True)
     opt = optax.sgd(0.3)
     start = init_train_state(est, opt, params, cell.initial_carry(params, (B,)))
