@@ -30,6 +30,12 @@ def _keys_to_data(tree):
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, data: bytes | str) -> None:
     """Writes ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -40,6 +46,7 @@ def atomic_write(path: str, data: bytes | str) -> None:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

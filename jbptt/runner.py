@@ -303,6 +303,8 @@ class Progress:
 
     def update(self, step: int, loss: float, force: bool = False):
         now = time.monotonic()
+        if step == self.start + 1:  # the rate is measured from the first (compiled) step on
+            self.t0, self.start = now, step
         if self.quiet or (not force and now - self.last < 0.25):
             return
         self.last = now
@@ -378,11 +380,9 @@ def _make_loop(exp: Experiment, params, carry, make_batch, source: str) -> _Loop
         )
     except ValueError as e:
         raise ConfigError("parallel", str(e), source) from None
-    if jax.process_count() > 1:  # every process draws the global batch and feeds only its own rows
-        rows = parallel.process_rows(dp.batch_size)
-        batch_fn = jax.jit(lambda i: jax.tree.map(lambda a: a[rows], make_batch(i)))
-    else:
-        batch_fn = jax.jit(make_batch)
+    # In a multi-process run each process feeds only its own rows of the global batch.
+    rows = parallel.process_rows(exp.config.training.batch_size) if jax.process_count() > 1 else slice(None)
+    batch_fn = jax.jit(lambda i: jax.tree.map(lambda a: a[rows], make_batch(i)))
     return _Loop(dp.init, dp.place, lambda state, i: dp.step(state, batch_fn(i)), dp.gather)
 
 
@@ -596,7 +596,6 @@ def train(
     progress.close()
     metrics_file.close()
 
-    host = loop.gather(state)
     summary = {
         "name": lg.name,
         "run_dir": run_dir,
@@ -612,6 +611,7 @@ def train(
     if status == "interrupted":
         summary["signal"] = int(signals.received)
     if status != "halted_nan" and status != "interrupted":
+        host = loop.gather(state)  # (after a halt the state may have been donated to the failed step)
         test = make_evaluator(
             exp, "test", t.eval_batch_size, t.eval_batches, jax.random.fold_in(eval_key, 1), eval_fn
         )

@@ -41,9 +41,18 @@ def _nan_after(cell, loss_fn, *, after: int = 3):
     return GradientEstimator(init, update)
 
 
+def _rich_raw(root):
+    """Exercises dropout keys, stacking, a learned initial carry, adamw and a warm-up schedule."""
+    return tiny_raw(
+        root,
+        model={"cell": "lstm", "hidden": 8, "layers": 2, "dropout": 0.3, "learned_initial_carry": True},
+        optimizer={"name": "adamw", "weight_decay": 0.01, "schedule": "warmup_cosine", "warmup_steps": 5},
+    )
+
+
 def test_same_seed_same_metrics_and_run_folder(tmp_path):
-    a = train(parse_config(tiny_raw(tmp_path)), str(tmp_path / "a"))
-    b = train(parse_config(tiny_raw(tmp_path)), str(tmp_path / "b"))
+    a = train(parse_config(_rich_raw(tmp_path)), str(tmp_path / "a"))
+    b = train(parse_config(_rich_raw(tmp_path)), str(tmp_path / "b"))
     assert metrics_without_time(tmp_path / "a") == metrics_without_time(tmp_path / "b")
     losses = [r["loss"] for r in metrics_without_time(tmp_path / "a") if r["split"] == "train"]
     assert len(set(losses)) == len(losses)  # real, changing numbers (the comparison above can fail)
@@ -55,9 +64,8 @@ def test_same_seed_same_metrics_and_run_folder(tmp_path):
     files = set(os.listdir(tmp_path / "a"))
     assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints"} <= files
     assert set(os.listdir(tmp_path / "a" / "checkpoints")) == {"last.msgpack", "best.msgpack"}
-    assert parse_config(__import__("yaml").safe_load(open(tmp_path / "a" / "config.yaml"))) == parse_config(
-        tiny_raw(tmp_path)
-    )
+    saved = __import__("yaml").safe_load(open(tmp_path / "a" / "config.yaml"))
+    assert parse_config(saved) == parse_config(_rich_raw(tmp_path))
 
 
 def _launch(cfg_file, run_dir, *extra):

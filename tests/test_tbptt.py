@@ -19,7 +19,7 @@ from jbptt.tbptt import make_sequence_train_step, pad_chunk, prime_state, split_
 from jbptt.train import init_train_state, make_train_step
 from jbptt.unroll import unroll
 
-B, T, I, O = 3, 13, 2, 2
+B, T, I, O = 3, 9, 2, 2
 
 CELLS = {
     "elman": lambda: cells.with_readout(cells.elman(4, dtype=jnp.float64), O),
@@ -36,7 +36,7 @@ def make_problem(name, key, *, T=T, sparse=True, lengths=True, resets=True):
     xs = jax.random.normal(k[2], (B, T, I))
     targets = jax.random.normal(k[3], (B, T, O))
     mask = (jax.random.uniform(k[4], (B, T)) < 0.6).astype(jnp.float64) if sparse else None
-    seq_lengths = jnp.array([T, T - 4, 5]) if lengths else None
+    seq_lengths = jnp.array([T, T - 4, 3]) if lengths else None
     rs = (jax.random.uniform(k[5], (B, T)) < 0.15) if resets else None
     return cell, params, Batch(xs, targets, mask, seq_lengths, rs)
 
@@ -69,6 +69,7 @@ def _carry_at(cell, params, batch, t):
     return lax.stop_gradient(unroll(cell, params, xs, seq_lengths=lengths, resets=resets)[0])
 
 
+@jax.jit(static_argnums=(0, 3, 4))
 def brute_force_tbptt(cell, params, batch, k1, k2):
     """For each chunk [s, s + k1) re-run steps [max(0, s + k1 - k2), s + k1) from the stored carry and take the
     gradient of the chunk's summed weighted loss; sum over chunks and divide by the total weight."""
@@ -92,6 +93,7 @@ def brute_force_tbptt(cell, params, batch, k1, k2):
     return total_loss / W, jax.tree.map(lambda g: g / W, total_grads)
 
 
+@jax.jit(static_argnums=(0, 3))
 def chunked_bptt_reference(cell, params, batch, k):
     """TBPTT(k, k) written the plain way: BPTT on each chunk, carry stopped at every chunk boundary."""
     weights = batch.weights(jnp.float64)
@@ -122,8 +124,7 @@ def test_full_window_equals_bptt(name, key):
     assert max_diff(grads, jax.tree.map(jnp.zeros_like, grads)) > 1e-3  # not vacuous
 
 
-@pytest.mark.parametrize("name", ["elman", "lstm"])
-@pytest.mark.parametrize("k", [1, 4, 5])
+@pytest.mark.parametrize("name,k", [("elman", 1), ("gru", 4)])
 def test_kk_equals_sum_of_chunk_bptt(name, k, key):
     cell, params, batch = make_problem(name, key)
     ref_loss, ref_grads = chunked_bptt_reference(cell, params, batch, k)
@@ -134,8 +135,7 @@ def test_kk_equals_sum_of_chunk_bptt(name, k, key):
     assert max_diff(grads, full) > 1e-4  # truncation changes the gradient: the test can fail
 
 
-@pytest.mark.parametrize("name", ["elman", "gru", "lstm"])
-@pytest.mark.parametrize("k1,k2", [(3, 5), (2, 7), (4, 9), (5, 13)])
+@pytest.mark.parametrize("name,k1,k2", [("elman", 3, 5), ("lstm", 2, 5), ("elman", 4, 9)])
 def test_overlapping_windows_equal_brute_force(name, k1, k2, key):
     cell, params, batch = make_problem(name, key)
     ref_loss, ref_grads = brute_force_tbptt(cell, params, batch, k1, k2)
@@ -158,10 +158,9 @@ def test_scan_option_is_used_inside_chunks(key):
     assert calls and max_diff(grads, ref) < 1e-10
 
 
-@pytest.mark.parametrize("k1,k2", [(4, 4), (3, 8)])
-def test_stream_equals_batch_gradients(k1, k2, key):
+def test_stream_equals_batch_gradients(key, k1=3, k2=8):
     """Feeding the sequence chunk by chunk (stateful) gives the same per-chunk gradients as one segment."""
-    cell, params, batch = make_problem("lstm", key)
+    cell, params, batch = make_problem("lstm", key, T=26)  # 9 chunks, the last one short
     batch = batch._replace(resets=batch.resets.at[:, 0].set(True))  # the stream starts at an episode start
     _, seg_grads, _ = segment_update(cell, params, batch, k1=k1, k2=k2)
     est = tbptt(cell, losses.mse, k1=k1, k2=k2, stateful=True)
@@ -180,11 +179,11 @@ def test_stream_equals_batch_gradients(k1, k2, key):
     assert max_diff(state.carry, final) < 1e-12
 
 
-@pytest.mark.parametrize("k1,k2", [(4, 4), (3, 7)])
-def test_stream_training_equals_sequence_training(k1, k2, key):
+def test_stream_training_equals_sequence_training(key, k1=3, k2=7):
     """train_stream over an iterator of chunks (short last chunk padded) = make_sequence_train_step on the whole
     sequence: one optimizer step per chunk in both, one compilation for every chunk of the stream."""
-    cell, params, batch = make_problem("gru", key, lengths=False)
+    T = 26  # 9 chunks, the last one short
+    cell, params, batch = make_problem("gru", key, T=T, lengths=False)
     est = tbptt(cell, losses.mse, k1=k1, k2=k2, stateful=True)
     opt = optax.sgd(0.3)
     start = init_train_state(est, opt, params, cell.initial_carry(params, (B,)))
@@ -271,13 +270,13 @@ def test_artbp_is_unbiased(artbp, key):
 
 
 def test_artbp_without_truncation_is_bptt_and_stream_runs(key):
-    cell, params, batch = make_problem("lstm", key)
+    cell, params, batch = make_problem("elman", key)
     ref = reference_gradient(cell, losses.mse, params, batch)[1]
     assert max_diff(segment_update(cell, params, batch, k1=T, artbp=0.0)[1], ref) < 1e-10
     est = tbptt(cell, losses.mse, k1=4, k2=8, stateful=True, artbp=0.2)
     state = est.init(params, cell.initial_carry(params, (B,)))
     update = jax.jit(est.update)
-    for s in range(0, 12, 4):
+    for s in range(0, 8, 4):
         loss, grads, state = update(params, state, Batch(batch.inputs[:, s:s + 4], batch.targets[:, s:s + 4]))
         assert jnp.isfinite(loss) and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     assert state.window.gates.shape == (B, 4)

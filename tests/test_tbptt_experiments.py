@@ -1,0 +1,69 @@
+"""Fast versions of the TBPTT experiments and the runner integration (``estimator: tbptt``)."""
+
+import json
+import os
+import sys
+
+import pytest
+import yaml
+
+from jbptt.config import parse_config
+from jbptt.runner import train
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from runner_helpers import tiny_raw  # noqa: E402
+
+
+def test_runner_trains_with_tbptt(tmp_path):
+    raw = tiny_raw(tmp_path, estimator={"name": "tbptt", "options": {"k1": 3, "k2": 5}},
+                   training={"steps": 6, "eval_every": 6, "checkpoint_every": 6})
+    summary = train(parse_config(raw))
+    assert summary["status"] == "completed" and summary["steps"] == 6
+
+
+def test_truncation_vs_lag_reduced(tmp_path):
+    """One lag, two truncations: the window longer than the lag learns, the one shorter stays near chance."""
+    import truncation_vs_lag
+
+    result = truncation_vs_lag.main(["--lags", "10", "--truncations", "5", "full", "--seeds", "0",
+                                     "--steps", "150", "--out", str(tmp_path), "--quiet"])
+    by_k = {r["truncation"]: r for r in result["rows"]}
+    assert by_k["full"]["mean"] >= 0.9
+    assert by_k[5]["mean"] < 0.5
+    for name in ("truncation_vs_lag.json", "truncation_vs_lag.md", "truncation_vs_lag.png"):
+        assert os.path.getsize(tmp_path / name) > 0
+    with open(tmp_path / "truncation_vs_lag.json") as f:
+        assert len(json.load(f)["rows"]) == 2
+
+
+@pytest.mark.slow
+def test_truncation_vs_lag_full_grid(tmp_path):
+    import truncation_vs_lag
+
+    result = truncation_vs_lag.main(["--out", str(tmp_path), "--quiet"])
+    assert len(result["rows"]) == 20
+
+
+def test_char_lm_stream_smoke(tmp_path):
+    import char_lm_tbptt
+
+    cfg = {"model": {"cell": "lstm", "hidden": 16}, "tbptt": {"k1": 10, "k2": 15},
+           "optimizer": {"lr": 0.01, "clip_norm": 1.0}, "training": {"batch_size": 4, "chunks": 4, "eval_every": 2},
+           "eval": {"batch_size": 128}, "seed": 0, "out": str(tmp_path)}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = char_lm_tbptt.main(["--config", str(path), "--quiet"])
+    assert result["chunks"] == 4 and 0 < result["final_val_bpc"] < 7.0 and result["train_chars_per_s"] > 0
+    assert os.path.getsize(tmp_path / "char_lm_tbptt.json") > 0
+
+
+def test_readme_tbptt_example_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Truncated BPTT (`jbptt.tbptt`)", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
