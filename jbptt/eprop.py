@@ -40,7 +40,8 @@ def check_readout(cell: Cell, params, readout, x):
     carry = cell.initial_carry(params, ())
     carry = jax.tree.map(lambda c: c + 0.5, carry)
     new, y = cell.step(params, carry, x)
-    if not jnp.allclose(readout(params, new, x), y, rtol=1e-5, atol=1e-6):
+    y_read = readout(params, new, x)
+    if jnp.shape(y_read) != jnp.shape(y) or not jnp.allclose(y_read, y, rtol=1e-5, atol=1e-6):
         raise ValueError("e-prop / RFLO need the output to be a readout of the new carry's first component h "
                          "(Elman or LSTM, optionally with_readout); pass readout=... for other cells")
 
