@@ -587,8 +587,13 @@ def run(cfg: CompareConfig, *, config_file: str = "<config>", out_dir: str | Non
     out_dir = out_dir or cfg.out_dir
     if cfg.model.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    report = {"config_file": config_file, "config": dataclasses.asdict(cfg), "machine": machine_info()}
-    plots = []
+    report = {"config_file": config_file, "config": dataclasses.asdict(cfg), "machine": machine_info(), "plots": []}
+    plots = report["plots"]
+
+    def write():  # after every section, so a run cut short still leaves what it measured
+        atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1, default=str))
+        atomic_write(os.path.join(out_dir, "report.md"), markdown(report))
+
     if "agreement" in only or "training" in only:
         task, cell, params, optimizer, loss_fn = _experiment(cfg)
         estimators = {s.label: make_estimator(s.name, cell, loss_fn, **s.options) for s in cfg.estimators}
@@ -598,20 +603,21 @@ def run(cfg: CompareConfig, *, config_file: str = "<config>", out_dir: str | Non
         log(f"agreement ({time.perf_counter() - t0:.1f} s): " + ", ".join(
             f"{k} {v:.2g}" for k, v in report["agreement"]["relative_error"].items()))
         plots += plot_agreement(report["agreement"], out_dir)
+        write()
+    if "scaling" in only and cfg.scaling is not None and cfg.scaling.series:
+        t0 = time.perf_counter()
+        report["scaling"] = cost_scaling(cfg, log)
+        log(f"scaling ({time.perf_counter() - t0:.1f} s)")
+        plots += plot_scaling(report["scaling"], out_dir)
+        write()
     if "training" in only:
         t0 = time.perf_counter()
         report["training"] = learning_curves(cfg, task, cell, params, loss_fn, optimizer, estimators)
         log(f"training ({time.perf_counter() - t0:.1f} s): " + ", ".join(
             f"{k} {c['loss'][-1]:.3f}" for k, c in report["training"]["curves"].items()))
         plots += plot_training(report["training"], out_dir)
-    if "scaling" in only and cfg.scaling is not None and cfg.scaling.series:
-        t0 = time.perf_counter()
-        report["scaling"] = cost_scaling(cfg, log)
-        log(f"scaling ({time.perf_counter() - t0:.1f} s)")
-        plots += plot_scaling(report["scaling"], out_dir)
-    report["plots"] = plots
-    atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1, default=str))
-    atomic_write(os.path.join(out_dir, "report.md"), markdown(report))
+        write()
+    write()
     return report
 
 

@@ -114,6 +114,16 @@ def flat_step(cell: Cell, params) -> FlatStep:
                     int(s_example.shape[0]), int(theta.shape[0]))
 
 
+def is_concrete(tree) -> bool:
+    """True when no leaf of ``tree`` is a tracer (eager call), so host-side checks on values may run."""
+    try:
+        for leaf in jax.tree_util.tree_leaves(tree):
+            np.asarray(leaf)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+    return True
+
+
 def loss_grad_fn(loss_fn, target, scale):
     """``y -> (scale * loss_fn(y, target), gradient wrt y)`` for one example's output ``y: [O]``."""
     return lambda y: jax.value_and_grad(lambda yy: scale * loss_fn(yy, target))(y)
