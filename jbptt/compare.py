@@ -255,10 +255,11 @@ def _fresh_gradient(est, cell):
     return jax.jit(grad)
 
 
-def gradient_agreement(cfg: CompareConfig, task, cell, params, loss_fn, estimators) -> dict:
-    """Relative error and cosine to BPTT, and the pairwise cosine matrix, averaged over the agreement batches."""
+def gradient_agreement(cfg: CompareConfig, task, params, fns) -> dict:
+    """Relative error and cosine to BPTT, and the pairwise cosine matrix, averaged over the agreement batches.
+
+    ``fns``: per label, the jitted ``(params, batch, key) -> grads`` of :func:`_fresh_gradient`."""
     labels = [s.label for s in cfg.estimators]
-    fns = {s.label: _fresh_gradient(estimators[s.label], cell) for s in cfg.estimators}
     ref = next(s.label for s in cfg.estimators if s.name == "bptt")
     rel = {lab: [] for lab in labels}
     cos = {lab: [] for lab in labels}
@@ -283,8 +284,10 @@ def _block(tree):
     return jax.block_until_ready(tree)
 
 
-def learning_curves(cfg: CompareConfig, task, cell, params0, loss_fn, optimizer, estimators) -> dict:
-    """Trains each estimator from the same parameters on the same batches; returns curves per label."""
+def learning_curves(cfg: CompareConfig, task, cell, params0, loss_fn, optimizer, estimators, fns) -> dict:
+    """Trains each estimator from the same parameters on the same batches; returns curves per label.
+
+    ``fns``: per label, the jitted fresh-state gradient (for the cosine to BPTT along training)."""
     tc = cfg.training
     data_key = jax.random.key(cfg.seed + 2)
     val = task.sample(jax.random.key(cfg.seed + 3), tc.eval_batch_size, "val")
@@ -297,14 +300,13 @@ def learning_curves(cfg: CompareConfig, task, cell, params0, loss_fn, optimizer,
         m["loss"] = losses.sequence_loss(loss_fn, ys, val.targets, val.weights(ys.dtype))
         return m
 
-    ref_label = next(s.label for s in cfg.estimators if s.name == "bptt")
-    ref_grad = _fresh_gradient(estimators[ref_label], cell)
+    ref_grad = fns[next(s.label for s in cfg.estimators if s.name == "bptt")]
     out = {}
     for spec in cfg.estimators:
         est = estimators[spec.label]
         online = spec.name not in OFFLINE and tc.online_chunk is not None
         step = jax.jit(make_train_step(est, optimizer))
-        grad_fn = _fresh_gradient(est, cell)
+        grad_fn = fns[spec.label]
 
         def segments(batch, online=online):
             return split_segment(batch, tc.online_chunk) if online else [batch]
@@ -597,9 +599,10 @@ def run(cfg: CompareConfig, *, config_file: str = "<config>", out_dir: str | Non
     if "agreement" in only or "training" in only:
         task, cell, params, optimizer, loss_fn = _experiment(cfg)
         estimators = {s.label: make_estimator(s.name, cell, loss_fn, **s.options) for s in cfg.estimators}
+        fns = {label: _fresh_gradient(est, cell) for label, est in estimators.items()}
     if "agreement" in only:
         t0 = time.perf_counter()
-        report["agreement"] = gradient_agreement(cfg, task, cell, params, loss_fn, estimators)
+        report["agreement"] = gradient_agreement(cfg, task, params, fns)
         log(f"agreement ({time.perf_counter() - t0:.1f} s): " + ", ".join(
             f"{k} {v:.2g}" for k, v in report["agreement"]["relative_error"].items()))
         plots += plot_agreement(report["agreement"], out_dir)
@@ -612,7 +615,7 @@ def run(cfg: CompareConfig, *, config_file: str = "<config>", out_dir: str | Non
         write()
     if "training" in only:
         t0 = time.perf_counter()
-        report["training"] = learning_curves(cfg, task, cell, params, loss_fn, optimizer, estimators)
+        report["training"] = learning_curves(cfg, task, cell, params, loss_fn, optimizer, estimators, fns)
         log(f"training ({time.perf_counter() - t0:.1f} s): " + ", ".join(
             f"{k} {c['loss'][-1]:.3f}" for k, c in report["training"]["curves"].items()))
         plots += plot_training(report["training"], out_dir)

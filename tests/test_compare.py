@@ -13,9 +13,9 @@ TINY = {
     "task": {"name": "delayed_recall", "options": {"length": 6, "lag": 1, "n_symbols": 2}},
     "model": {"cell": "elman", "hidden": 3, "dtype": "float64"},
     "optimizer": {"name": "adam", "lr": 0.01},
-    "estimators": ["bptt", "rtrl", {"name": "snap", "label": "snap_n1", "options": {"n": 1}}],
+    "estimators": ["bptt", {"name": "rtrl", "label": "rtrl_jvp", "options": {"mode": "jvp"}}],
     "agreement": {"batch_size": 2, "batches": 1},
-    "training": {"steps": 2, "batch_size": 2, "online_chunk": 3, "eval_every": 1, "eval_batch_size": 4,
+    "training": {"steps": 2, "batch_size": 2, "online_chunk": 3, "eval_every": 2, "eval_batch_size": 4,
                  "align_every": 2},
     "scaling": {"batch_size": 1, "repeats": 1, "series": [
         {"name": "tiny", "cell": "elman", "vary": "n", "values": [2, 3], "T": 3,
@@ -30,17 +30,17 @@ def test_compare_writes_the_report(tmp_path):
     assert compare.main([str(path), "--out", str(out), "seed=1"]) == 0
     report = json.loads((out / "report.json").read_text())
     ag = report["agreement"]
-    assert ag["relative_error"]["rtrl"] <= 1e-10 and ag["relative_error"]["snap_n1"] > 1e-6
-    assert len(ag["alignment_matrix"]) == 3
+    assert ag["relative_error"]["rtrl_jvp"] <= 1e-10 and ag["cosine"]["rtrl_jvp"] == pytest.approx(1.0)
+    assert len(ag["alignment_matrix"]) == 2
     curves = report["training"]["curves"]
-    assert curves["rtrl"]["updates"][-1] == 4 and curves["bptt"]["updates"][-1] == 2  # online: 2 chunks a sequence
+    assert curves["rtrl_jvp"]["updates"][-1] == 4 and curves["bptt"]["updates"][-1] == 2  # online: 2 chunks a sequence
     tiny = report["scaling"]["tiny"]["estimators"]
     assert len(tiny["bptt"]["points"]) == 2 and tiny["bptt"]["memory_exponent"]["all"] is not None
     assert "max_influence_bytes" in tiny["rtrl"]["skipped"]  # the size guard stops the series with its reason
     for name in ("report.md", "agreement.png", "alignment_matrix.png", "alignment_training.png",
                  "learning_curves.png", "scaling_tiny.png"):
         assert os.path.getsize(out / name) > 0
-    assert "| rtrl |" in (out / "report.md").read_text()
+    assert "| rtrl_jvp |" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("change,where", [
