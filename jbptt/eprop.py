@@ -21,7 +21,15 @@ import jax.numpy as jnp
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
 from jbptt.losses import LossFn
-from jbptt.online import OnlineState, compressed_core, compressed_trace0, init_state, online_segment, unit_rows
+from jbptt.online import (
+    OnlineState,
+    compressed_core,
+    compressed_trace0,
+    init_state,
+    is_concrete,
+    online_segment,
+    unit_rows,
+)
 
 __all__ = ["eprop", "hidden_readout"]
 
@@ -40,7 +48,8 @@ def check_readout(cell: Cell, params, readout, x):
     carry = cell.initial_carry(params, ())
     carry = jax.tree.map(lambda c: c + 0.5, carry)
     new, y = cell.step(params, carry, x)
-    if not jnp.allclose(readout(params, new, x), y, rtol=1e-5, atol=1e-6):
+    y_read = readout(params, new, x)
+    if jnp.shape(y_read) != jnp.shape(y) or not jnp.allclose(y_read, y, rtol=1e-5, atol=1e-6):
         raise ValueError("e-prop / RFLO need the output to be a readout of the new carry's first component h "
                          "(Elman or LSTM, optionally with_readout); pass readout=... for other cells")
 
@@ -72,7 +81,7 @@ def eprop(cell: Cell, loss_fn: LossFn, *, internal: Sequence[int] | None = None,
 
     def update(params, state: OnlineState, batch):
         x0 = jax.tree.map(lambda a: a[0, 0], batch.inputs)
-        if not checked and not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, x0))):
+        if not checked and is_concrete((params, x0)):
             check_readout(cell, params, readout, x0)
             checked.append(True)
         rows, core = parts(params)

@@ -28,7 +28,7 @@ from jax.flatten_util import ravel_pytree
 
 from jbptt.cells import Cell, trainable_mask
 from jbptt.estimator import Batch
-from jbptt.unroll import batch_and_time, batch_where, time_major
+from jbptt.unroll import batch_and_time, batch_where
 
 # Per-example core: core(fs, theta, s, trace, x, loss_grad, key) -> (s_new, trace_new, loss, grad_flat)
 Core = Callable[..., tuple[Any, Any, Any, Any]]
@@ -114,6 +114,16 @@ def flat_step(cell: Cell, params) -> FlatStep:
                     int(s_example.shape[0]), int(theta.shape[0]))
 
 
+def is_concrete(tree) -> bool:
+    """True when no leaf of ``tree`` is a tracer (eager call), so host-side checks on values may run."""
+    try:
+        for leaf in jax.tree_util.tree_leaves(tree):
+            np.asarray(leaf)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+    return True
+
+
 def loss_grad_fn(loss_fn, target, scale):
     """``y -> (scale * loss_fn(y, target), gradient wrt y)`` for one example's output ``y: [O]``."""
     return lambda y: jax.value_and_grad(lambda yy: scale * loss_fn(yy, target))(y)
@@ -149,29 +159,31 @@ def online_segment(cell: Cell, loss_fn, params, state: OnlineState, batch: Batch
         s, trace = jax.vmap(fs.ravel_carry)(state.carry), state.trace
     else:
         s, trace = s_fresh, jax.vmap(lambda k: trace0(fs, theta, k))(jax.random.split(k_init, B))
-    resets = None if batch.resets is None else jnp.asarray(batch.resets, bool).T
-    valid = None
-    if batch.seq_lengths is not None:
-        valid = (jnp.arange(T)[None, :] < jnp.asarray(batch.seq_lengths)[:, None]).T
-    keys = jax.random.split(k_steps, (T, B))
+    resets = None if batch.resets is None else jnp.asarray(batch.resets, bool)
+    valid = None if batch.seq_lengths is None else \
+        jnp.arange(T)[None, :] < jnp.asarray(batch.seq_lengths)[:, None]
 
     def one(s, tr, x, target, sc, k):
         return core(fs, theta, s, tr, x, loss_grad_fn(loss_fn, target, sc), k)
 
-    def body(acc, inp):
+    def at(tree, t):
+        """Step ``t`` of batch-major leaves, read inside the scan so that nothing of size T is copied."""
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False), tree)
+
+    def body(acc, t):
         s, tr, loss, g = acc
-        x, target, sc, v, r, k = inp
-        if r is not None:
-            fresh_tr = jax.vmap(lambda kk: trace0(fs, theta, kk))(jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(k))
+        k = jax.random.split(jax.random.fold_in(k_steps, t), B)
+        if resets is not None:
+            r = at(resets, t)
+            fresh_tr = jax.vmap(lambda kk: trace0(fs, theta, kk))(jax.random.split(jax.random.fold_in(k_init, t), B))
             s, tr = batch_where(r, (s_fresh, fresh_tr), (s, tr))
-        s_new, tr_new, l, gb = jax.vmap(one)(s, tr, x, target, sc, k)
-        if v is not None:
-            s_new, tr_new = batch_where(v, (s_new, tr_new), (s, tr))
+        s_new, tr_new, l, gb = jax.vmap(one)(s, tr, at(batch.inputs, t), at(batch.targets, t), at(scale, t), k)
+        if valid is not None:
+            s_new, tr_new = batch_where(at(valid, t), (s_new, tr_new), (s, tr))
         return (s_new, tr_new, loss + jnp.sum(l), g + jnp.sum(gb, axis=0)), None
 
-    inputs = (time_major(batch.inputs), time_major(batch.targets), scale.T, valid, resets, keys)
     init = (s, trace, jnp.zeros((), theta.dtype), jnp.zeros_like(theta))
-    (s, trace, loss, g), _ = jax.lax.scan(body, init, inputs)
+    (s, trace, loss, g), _ = jax.lax.scan(body, init, jnp.arange(T))
     new_state = OnlineState(jax.vmap(fs.unravel_carry)(s), trace, key) if stateful else \
         OnlineState(state.carry, state.trace, key)
     return loss, fs.grads(g), new_state

@@ -17,7 +17,15 @@ from jbptt.cells import Cell
 from jbptt.eprop import check_readout, hidden_readout
 from jbptt.estimator import GradientEstimator, register_estimator
 from jbptt.losses import LossFn
-from jbptt.online import OnlineState, compressed_core, compressed_trace0, init_state, online_segment, unit_rows
+from jbptt.online import (
+    OnlineState,
+    compressed_core,
+    compressed_trace0,
+    init_state,
+    is_concrete,
+    online_segment,
+    unit_rows,
+)
 
 __all__ = ["rflo"]
 
@@ -58,7 +66,7 @@ def rflo(cell: Cell, loss_fn: LossFn, *, leak: float = 1.0, feedback: str = "ran
 
     def update(params, state: OnlineState, batch):
         x0 = jax.tree.map(lambda a: a[0, 0], batch.inputs)
-        if not checked and not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, x0))):
+        if not checked and is_concrete((params, x0)):
             check_readout(cell, params, readout, x0)
             checked.append(True)
         rows, core = parts(params)

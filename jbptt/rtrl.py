@@ -39,6 +39,7 @@ from jbptt.online import (
     compressed_trace0,
     flat_step,
     init_state,
+    is_concrete,
     online_segment,
     unit_rows,
 )
@@ -183,8 +184,7 @@ def rtrl(cell: Cell, loss_fn: LossFn, *, mode: str = "jacobian", diagonal: bool 
         B = jax.tree_util.tree_leaves(state.carry)[0].shape[0]
         check(params, B)
         x0 = jax.tree.map(lambda a: a[0, 0], batch.inputs)
-        if diagonal and not checked and not any(isinstance(a, jax.core.Tracer)
-                                                for a in jax.tree.leaves((params, x0))):
+        if diagonal and not checked and is_concrete((params, x0)):
             check_unit_structure(cell, params, x0)
             checked.append(True)
         core, trace0 = parts(params)
