@@ -99,9 +99,7 @@ def _wait_for_step(run_dir, proc, step, timeout=120):
 def resumable(tmp_path_factory):
     """A config long enough to interrupt, and the metrics of the same run done in one go (in a subprocess)."""
     tmp = tmp_path_factory.mktemp("resume")
-    raw = tiny_raw(
-        tmp, training={"steps": 800, "checkpoint_every": 37, "eval_every": 250}, logging={"log_every": 10}
-    )
+    raw = tiny_raw(tmp, training={"steps": 800, "checkpoint_every": 37, "eval_every": 250}, logging={"log_every": 10})
     cfg_file = write_config(tmp / "c.yaml", raw)
     full = _launch(cfg_file, tmp / "full")
     return cfg_file, tmp, full
@@ -137,9 +135,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(resumable):
     assert "SIGTERM received: checkpoint saved at step" in err and "--resume" in err
     summary = json.load(open(run_dir / "summary.json"))
     assert summary["status"] == "interrupted" and 50 <= summary["steps"] < 800
-    exp = build(
-        parse_config(json.loads(json.dumps(__import__("yaml").safe_load(open(run_dir / "config.yaml")))))
-    )
+    exp = build(parse_config(json.loads(json.dumps(__import__("yaml").safe_load(open(run_dir / "config.yaml"))))))
     params = exp.cell.init(jax.random.key(0), exp.task.input_size)
     from jbptt.runner import _runner_state
     from jbptt.train import init_train_state
@@ -200,9 +196,7 @@ def test_early_stopping_and_bad_checkpoint(tmp_path, capsys):
     assert "does not match" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "name", ["sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "adadelta", "rmsprop"]
-)
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "adadelta", "rmsprop"])
 def test_every_optimizer_and_schedule_steps(name):
     schedule = {"sgd": "cosine", "momentum": "warmup", "adamw": "warmup_cosine"}.get(name, "constant")
     cfg = parse_config(
@@ -231,16 +225,12 @@ def test_every_optimizer_and_schedule_steps(name):
 
 
 def test_clipping_and_penalties():
-    cfg = parse_config(
-        {"task": {"name": "adding"}, "optimizer": {"name": "sgd", "lr": 1.0, "clip_norm": 1.0}}
-    )
+    cfg = parse_config({"task": {"name": "adding"}, "optimizer": {"name": "sgd", "lr": 1.0, "clip_norm": 1.0}})
     params = {"w": jnp.zeros(2)}
     opt, _ = build_optimizer(cfg, params)
     upd, _ = opt.update({"w": jnp.array([3.0, 4.0])}, opt.init(params), params)
     np.testing.assert_allclose(upd["w"], [-0.6, -0.8], rtol=1e-6)
-    cfg = parse_config(
-        {"task": {"name": "adding"}, "optimizer": {"name": "sgd", "lr": 1.0, "l1": 0.5, "l2": 2.0}}
-    )
+    cfg = parse_config({"task": {"name": "adding"}, "optimizer": {"name": "sgd", "lr": 1.0, "l1": 0.5, "l2": 2.0}})
     params = {"w": jnp.array([1.0, -1.0])}
     opt, _ = build_optimizer(cfg, params)
     upd, _ = opt.update({"w": jnp.zeros(2)}, opt.init(params), params)
@@ -263,3 +253,36 @@ def test_esn_readout_fits_closed_form(tmp_path):
     )
     summary = train(parse_config(raw), str(tmp_path / "esn"))
     assert summary["final"]["test"]["nrmse"] < 0.1  # one-step prediction of a smooth series
+
+
+def test_remat_and_parallel_sections_call_their_modules(tmp_path, monkeypatch):
+    """The runner's contract with jbptt.remat (issue 6) and jbptt.parallel (issue 7), with stand-in modules."""
+    import types
+
+    from jax import lax
+
+    from jbptt.train import init_train_state, make_train_step
+
+    calls = {}
+
+    def scan_from_config(cfg):
+        calls["remat"] = cfg
+        return lambda *a, **k: (calls.__setitem__("scanned", True), lax.scan(*a, **k))[1]
+
+    def data_parallel(estimator, optimizer, params, carry, *, mode, devices):
+        calls["parallel"] = (mode, devices, jax.tree.leaves(carry)[0].shape[0])
+        step = jax.jit(make_train_step(estimator, optimizer))
+        init = lambda p, c: init_train_state(estimator, optimizer, p, c)
+        return types.SimpleNamespace(init=init, place=lambda s: s, step=step, gather=lambda s: s)
+
+    monkeypatch.setitem(sys.modules, "jbptt.remat", types.SimpleNamespace(scan_from_config=scan_from_config))
+    monkeypatch.setitem(sys.modules, "jbptt.parallel", types.SimpleNamespace(data_parallel=data_parallel))
+    raw = tiny_raw(
+        tmp_path,
+        remat={"policy": "every_k", "k": 2},
+        parallel={"mode": "sharded", "devices": 1},
+        training={"steps": 4, "eval_every": 2},
+    )
+    summary = train(parse_config(raw), str(tmp_path / "r"))
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    assert calls == {"remat": {"policy": "every_k", "k": 2}, "scanned": True, "parallel": ("sharded", 1, 8)}
