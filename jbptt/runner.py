@@ -381,12 +381,13 @@ def _make_loop(exp: Experiment, params, carry, make_batch, source: str) -> _Loop
 def start_processes(cfg: Config) -> bool:
     """Starts multi-process JAX (``jax.distributed``) when ``cfg.parallel`` or the environment asks for
     several processes; call before anything touches a device. Returns True in a multi-process run."""
-    if cfg.parallel.mode == "none":
+    p = cfg.parallel
+    n = p.num_processes if p.num_processes is not None else int(os.environ.get("JAX_NUM_PROCESSES") or 1)
+    if p.mode == "none" or n <= 1:
         return False
     from jbptt import parallel
 
-    p = cfg.parallel
-    return parallel.maybe_initialize_distributed(p.coordinator_address, p.num_processes, p.process_id)
+    return parallel.maybe_initialize_distributed(p.coordinator_address, n, p.process_id)
 
 
 def _runner_state(data_key, elapsed=0.0):
