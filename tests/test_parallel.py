@@ -285,3 +285,22 @@ def test_every_registered_estimator_has_a_batch_axis_layout():
                 assert all(jax.tree_util.tree_leaves(getattr(axes, field))), (name, field)
         if getattr(axes, "key", None) is not None:
             assert axes.key is False, name
+
+
+def test_parallel_config_process_keys(tmp_path):
+    """The runner's multi-process keys are validated with one clear error each; a single-process config
+    never starts jax.distributed."""
+    from jbptt.config import ConfigError, parse_config
+    from jbptt.runner import start_processes
+
+    def cfg(**parallel):
+        return parse_config(tiny_raw(tmp_path, parallel=parallel))
+
+    with pytest.raises(ConfigError, match="parallel.mode.*multi-process"):
+        cfg(mode="none", num_processes=2)
+    with pytest.raises(ConfigError, match="parallel.process_id"):
+        cfg(mode="pmap", num_processes=2, process_id=2)
+    with pytest.raises(ConfigError, match="parallel.num_processes"):
+        cfg(mode="pmap", num_processes=0)
+    assert start_processes(cfg(mode="sharded", num_processes=1)) is False
+    assert start_processes(cfg(mode="sharded")) is False
