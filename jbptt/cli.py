@@ -46,7 +46,7 @@ def _run(args) -> int:
             if bad:
                 raise ConfigError(
                     bad[0].split("=", 1)[0],
-                    f"cannot be changed when resuming (only {', '.join(RESUME_OVERRIDABLE)}...)",
+                    f"cannot be changed when resuming (only {', '.join(RESUME_OVERRIDABLE)}* can)",
                     "<command line>",
                 )
             path = os.path.join(args.resume, "config.yaml")
