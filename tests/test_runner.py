@@ -134,7 +134,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, capsys):
     def send_when_running():
         path = run_dir / "metrics.jsonl"
         while not done.is_set():
-            if path.exists() and path.read_text().count("\n") >= 5:  # 50 steps logged, still training
+            if path.exists() and path.read_text().count("\n") >= 10:  # 50 steps logged, still training
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             time.sleep(0.02)
