@@ -404,6 +404,32 @@ def _runner_state(data_key, elapsed=0.0):
     }
 
 
+def load_run(run_dir: str, which: str = "last"):
+    """Loads a run folder for analysis: ``(config, experiment, state)``.
+
+    ``which="last"`` returns the last checkpoint's :class:`~jbptt.train.TrainState` (``state.params``,
+    ``state.step``, ...); ``which="best"`` returns the parameters with the best validation metric.
+    Raises :class:`~jbptt.checkpoint.CheckpointError` for a missing, corrupt or mismatched checkpoint.
+    """
+    from jbptt.config import load_config
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise ckpt.CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = load_config(path)
+    exp = build(cfg, path)
+    params = exp.cell.init(jax.random.key(0), exp.task.input_size)
+    if which == "best":
+        return cfg, exp, ckpt.load(os.path.join(run_dir, "checkpoints", "best.msgpack"), params)
+    if exp.estimator is None:
+        raise ckpt.CheckpointError(f"{run_dir} is an ESN run: it has only the best.msgpack checkpoint")
+    carry = exp.cell.initial_carry(params, (cfg.training.batch_size,))
+    state = init_train_state(exp.estimator, exp.optimizer, params, carry)
+    target = (state, _runner_state(jax.random.key(0)), params)
+    state, _, _ = ckpt.load(os.path.join(run_dir, "checkpoints", "last.msgpack"), target)
+    return cfg, exp, state
+
+
 def train(
     cfg: Config,
     run_dir: str | None = None,
