@@ -163,30 +163,47 @@ def main(argv=None) -> dict:
     out = args.out or cfg["out"]
     threshold = float(cfg.get("success_threshold", 0.9))
 
+    json_path = os.path.join(out, "truncation_vs_lag.json")
+    done = {}
+    if os.path.exists(json_path):  # resume: keep the cells of an interrupted run with the same config
+        with open(json_path) as f:
+            previous = json.load(f)
+        if previous.get("config") == cfg:
+            done = {(r["lag"], str(r["truncation"]), tuple(r["seeds"])): r for r in previous["rows"]}
     rows, t0 = [], time.perf_counter()
     for L in lags:
         for k in truncations:
-            r = train_cell_of_grid(cfg, L, k, seeds)
+            r = done.get((L, str(k), tuple(int(s) for s in seeds))) or train_cell_of_grid(cfg, L, k, seeds)
             rows.append(r)
             if not args.quiet:
                 seeds_ = ", ".join(f"{a:.2f}" for a in r["accuracy"])
                 print(f"L={L:3d} k={k!s:>4}: accuracy {r['mean']:.3f} (seeds {seeds_}) {r['seconds']:.1f}s",
                       file=sys.stderr, flush=True)
-    total = time.perf_counter() - t0
+            result = write_results(cfg, rows, lags, truncations, seeds, out, threshold, time.perf_counter() - t0)
+    if not args.quiet:
+        print(markdown_table(rows, lags, truncations, threshold))
+    return result
+
+
+def write_results(cfg, rows, lags, truncations, seeds, out, threshold, seconds) -> dict:
+    """Writes the JSON, the markdown table and (once the grid is complete) the heat map; returns the JSON."""
+    complete = len(rows) == len(lags) * len(truncations)
     result = {"config": cfg, "lags": lags, "truncations": [str(k) for k in truncations], "rows": rows,
-              "total_seconds": round(total, 1), "machine": machine_info(),
+              "complete": complete, "seconds_this_session": round(seconds, 1),
+              "cell_seconds_total": round(sum(r["seconds"] for r in rows), 1), "machine": machine_info(),
               "agrees_with_expectation": all((r["mean"] >= threshold) == expected_to_learn(r) for r in rows)}
     os.makedirs(out, exist_ok=True)
     atomic_write(os.path.join(out, "truncation_vs_lag.json"), json.dumps(result, indent=2))
+    if not complete:
+        return result
     table = markdown_table(rows, lags, truncations, threshold)
     atomic_write(os.path.join(out, "truncation_vs_lag.md"),
                  f"# Truncation vs lag ({cfg['task']['name']}, {cfg['model']['cell']} {cfg['model']['hidden']}, "
                  f"{cfg['training']['steps']} steps, seeds {seeds})\n\nMean (min-max) final validation accuracy; "
-                 f"**✓** = mean >= {threshold}. Total {total:.0f} s.\n\n{table}")
+                 f"**✓** = mean >= {threshold}. Sum of the cells' wall times: "
+                 f"{result['cell_seconds_total']:.0f} s.\n\n{table}")
     heat_map(rows, lags, truncations, os.path.join(out, "truncation_vs_lag.png"),
              f"{cfg['task']['name']}: accuracy after {cfg['training']['steps']} steps")
-    if not args.quiet:
-        print(table)
     return result
 
 

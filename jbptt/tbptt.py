@@ -265,7 +265,8 @@ def tbptt(cell: Cell, loss_fn: LossFn, *, k1: int, k2: int | None = None, statef
       stateful: carry the stream state across ``update`` calls (streams) instead of starting every segment from
         ``cell.initial_carry``.
       artbp: ARTBP truncation probability per step (float in ``[0, 1)``) or schedule
-        ``c(steps_since_truncation: int[B]) -> prob[B]``; ``None`` (default) for deterministic truncation.
+        ``c(steps_since_truncation: int[B]) -> prob[B]`` (jittable, values in ``[0, 1)``: a 1 would need an
+        infinite compensation factor); ``None`` (default) for deterministic truncation.
       seed: seeds the ARTBP key in ``init`` (replace ``state.key`` to draw other estimates).
       unroll_steps: ``lax.scan`` unroll factor inside each chunk.
       scan: drop-in replacement for ``lax.scan`` used inside each chunk (e.g. a checkpointing schedule from
@@ -346,7 +347,7 @@ def tbptt(cell: Cell, loss_fn: LossFn, *, k1: int, k2: int | None = None, statef
         def body(acc, chunk):
             loss_sum, grad_sum, st = acc
             total, grads, st = chunk_step(params, st, chunk)
-            return (loss_sum + total, jax.tree.map(jnp.add, grad_sum, grads), st), None
+            return (loss_sum + total.astype(loss_sum.dtype), jax.tree.map(jnp.add, grad_sum, grads), st), None
 
         zero_grads = jax.tree.map(jnp.zeros_like, params)
         zero = jnp.zeros((), params_dtype(params))
