@@ -364,8 +364,9 @@ def fit_exponent(xs, ys) -> float | None:
 
 
 def _exponents(xs, ys) -> dict:
-    """Exponent over all points and over the larger half (less dominated by fixed overheads; >= 2 points)."""
-    start = max(0, min(len(xs) // 2, len(xs) - 2))
+    """Exponent over all points and over the larger half (less dominated by fixed overheads; >= 3 points where
+    there are that many)."""
+    start = max(0, min(len(xs) // 2, len(xs) - 3))
     return {"all": fit_exponent(xs, ys), "upper_half": fit_exponent(xs[start:], ys[start:])}
 
 
@@ -385,7 +386,7 @@ def measure_point(cell, spec: EstimatorSpec, *, B: int, T: int, input_size: int,
     temp = int(mem.temp_size_in_bytes) if mem is not None else None
     t0 = time.perf_counter()
     _block(compiled(params, state, batch))
-    calls = int(min(100, max(1, np.ceil(0.02 / max(time.perf_counter() - t0, 1e-6)))))  # >= ~20 ms a repeat
+    calls = int(min(200, max(1, np.ceil(0.05 / max(time.perf_counter() - t0, 1e-6)))))  # >= ~50 ms a repeat
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -88,4 +88,4 @@ def _import_builtin_estimators():
 
 
 BUILTIN_ESTIMATOR_MODULES = ["jbptt.bptt", "jbptt.tbptt", "jbptt.rtrl", "jbptt.snap", "jbptt.uoro", "jbptt.eprop",
-                             "jbptt.rflo"]
+                             "jbptt.rflo", "jbptt.kfrtrl"]

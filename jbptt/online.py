@@ -178,9 +178,12 @@ def online_segment(cell: Cell, loss_fn, params, state: OnlineState, batch: Batch
             fresh_tr = jax.vmap(lambda kk: trace0(fs, theta, kk))(jax.random.split(jax.random.fold_in(k_init, t), B))
             s, tr = batch_where(r, (s_fresh, fresh_tr), (s, tr))
         s_new, tr_new, l, gb = jax.vmap(one)(s, tr, at(batch.inputs, t), at(batch.targets, t), at(scale, t), k)
+        # keep the scan's carry types when inputs come in another float dtype than the parameters
+        s_new, tr_new = jax.tree.map(lambda a, b: a.astype(b.dtype), (s_new, tr_new), (s, tr))
+        l, gb = jnp.sum(l).astype(loss.dtype), jnp.sum(gb, axis=0).astype(g.dtype)
         if valid is not None:
             s_new, tr_new = batch_where(at(valid, t), (s_new, tr_new), (s, tr))
-        return (s_new, tr_new, loss + jnp.sum(l), g + jnp.sum(gb, axis=0)), None
+        return (s_new, tr_new, loss + l, g + gb), None
 
     init = (s, trace, jnp.zeros((), theta.dtype), jnp.zeros_like(theta))
     (s, trace, loss, g), _ = jax.lax.scan(body, init, jnp.arange(T))

@@ -8,13 +8,15 @@ trainable parameters), stored as ``[P, n]``. With ``(s_t, y_t) = step(theta, s_{
 
 so readout parameters inside :func:`jbptt.cells.with_readout` and a learned initial carry
 (``J_0 = d s_0 / d theta``) are handled uniformly. The gradient of each step is available at that step: nothing of
-the past is stored, and memory does not grow with ``T``. Modes (measured by ``experiments/compare_bptt_rtrl.py``
-and the ``rtrl_modes`` bench in :mod:`jbptt.compare`):
+the past is stored, and memory does not grow with ``T``. Modes (measured against each other by the ``rtrl_jvp``
+entries of ``configs/compare_small.yaml`` / ``compare_scaling.yaml``):
 
 - ``"jvp"``: ``jax.linearize`` of the step, vmapped over the ``P`` directions ``(e_k, J[k])`` (one pass gives both
   ``J_t[k]`` and ``dy_t/dtheta_k``);
-- ``"jacobian"`` (default; fastest in our measurements): ``n + 1`` vector-Jacobian products give ``ds_t/dtheta``,
-  ``ds_t/ds_{t-1}`` and the loss cotangents, then one ``[P, n] x [n, n]`` product.
+- ``"jacobian"`` (default; fastest in our measurements, e.g. 0.03 s vs 3.9 s per update and 10 MB vs 173 MB of
+  XLA temp memory for an Elman cell with n=64, B=4, T=16 on CPU): ``n + 1`` vector-Jacobian products give
+  ``ds_t/dtheta``, ``ds_t/ds_{t-1}`` and the loss cotangents, then one ``[P, n] x [n, n]`` product. The ``"jvp"``
+  mode pushes a ``[P, P]`` identity of tangents through the step, which costs an extra factor of ``n``.
 - ``diagonal=True``: the exact path for element-wise recurrences (diagonal linear / LRU, IndRNN): every parameter
   drives one unit, so the influence is stored compressed as ``[R, n]`` rows (``R = P / N``) and advanced by one
   jvp per row: cost O(P) per step for these cells and memory O(P), independent of ``T``.

@@ -10,8 +10,9 @@ and ``pattern_n`` marks the entries of ``J`` that are non-zero after ``n`` steps
   pattern is what is being studied). The pattern is measured on a random perturbation of the segment's first step.
   For a fully dense Elman cell SnAp-2 is exact RTRL.
 
-The gradient contracts the loss cotangent of the carry entering a step with the sparse ``J_{t-1}`` propagated one
-exact step (so the estimate is never worse than with the masked ``J_t``).
+The gradient of step ``t`` contracts the loss cotangent of the carry entering the step with the sparse ``J_{t-1}``
+(plus the exact immediate term), i.e. the last step before each loss is propagated exactly, as for every estimator
+built on :func:`jbptt.online.compressed_core` without a ``readout``.
 """
 
 from __future__ import annotations
