@@ -304,3 +304,14 @@ def test_parallel_config_process_keys(tmp_path):
         cfg(mode="pmap", num_processes=0)
     assert start_processes(cfg(mode="sharded", num_processes=1)) is False
     assert start_processes(cfg(mode="sharded")) is False
+
+
+def test_readme_parallel_example_runs():
+    """The README's data-parallel example runs as written (on however many devices this process has)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Several devices and several processes (`jbptt.parallel`)", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
