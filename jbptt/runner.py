@@ -347,7 +347,25 @@ class _Loop(NamedTuple):
     gather: Callable  # state -> host TrainState
 
 
-def _make_loop(exp: Experiment, params, carry, make_batch, source: str) -> _Loop:
+def _prepare_state(exp: Experiment, make_batch):
+    """``prepare(est_state, carry) -> est_state`` fixing the estimator state's structure from the start, or None.
+
+    TBPTT with ``k2 > k1`` allocates its replay window on its first update; priming it up front keeps one
+    structure for checkpoints and for the data-parallel layout (:mod:`jbptt.parallel`)."""
+    if exp.config.estimator.name != "tbptt":
+        return None
+    from jbptt.tbptt import prime_state
+
+    inputs = jax.eval_shape(make_batch, jnp.asarray(0, jnp.int32)).inputs
+
+    def prepare(state, carry):
+        B = jax.tree.leaves(carry)[0].shape[0]
+        return prime_state(state, jax.tree.map(lambda a: jnp.zeros((B,) + a.shape[1:], a.dtype), inputs))
+
+    return prepare
+
+
+def _make_loop(exp: Experiment, params, carry, make_batch, source: str, prepare=None) -> _Loop:
     """Training-loop functions; ``step(state, i)`` trains on ``make_batch(i)`` (fused into one jit call on one
     device)."""
     p = exp.config.parallel
@@ -369,7 +387,8 @@ def _make_loop(exp: Experiment, params, carry, make_batch, source: str) -> _Loop
             source,
         ) from None
     try:
-        dp = parallel.data_parallel(exp.estimator, exp.optimizer, params, carry, mode=p.mode, devices=p.devices)
+        dp = parallel.data_parallel(exp.estimator, exp.optimizer, params, carry, mode=p.mode, devices=p.devices,
+                                    **({"prepare": prepare} if prepare is not None else {}))
     except ValueError as e:
         raise ConfigError("parallel", str(e), source) from None
     # In a multi-process run each process feeds only its own rows of the global batch.
@@ -477,7 +496,8 @@ def train(
             b = b._replace(inputs=with_step_keys(b.inputs, jax.random.fold_in(dropout_key, step)))
         return b
 
-    loop = _make_loop(exp, params, carry, make_batch, source)
+    prepare = _prepare_state(exp, make_batch)
+    loop = _make_loop(exp, params, carry, make_batch, source, prepare)
 
     if resume:
         if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.yaml")):
@@ -499,6 +519,8 @@ def train(
     flow_path = os.path.join(run_dir, "gradient_flow.json")
 
     host_state = init_train_state(exp.estimator, exp.optimizer, params, carry)
+    if prepare is not None:
+        host_state = host_state._replace(est_state=prepare(host_state.est_state, carry))
     rs = _runner_state(data_key)
     best_params = params
     if resume:

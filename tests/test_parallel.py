@@ -315,3 +315,21 @@ def test_readme_parallel_example_runs():
     section = text.split("## Several devices and several processes (`jbptt.parallel`)", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_runner_tbptt_with_replay_window_in_parallel_mode(tmp_path):
+    """`estimator: tbptt` with k2 > k1 (a state that grows on its first update) trains in the runner's
+    parallel path like in the plain one: the runner primes the state up front."""
+    from jbptt.config import parse_config
+    from jbptt.runner import train
+
+    runs = {}
+    for mode in ("none", "pmap"):
+        raw = tiny_raw(tmp_path, estimator={"name": "tbptt", "options": {"k1": 2, "k2": 4, "stateful": True}},
+                       parallel={"mode": mode}, training={"steps": 6, "eval_every": 3, "checkpoint_every": 3})
+        assert train(parse_config(raw), str(tmp_path / mode))["status"] == "completed"
+        runs[mode] = metrics_without_time(tmp_path / mode)
+    assert len(runs["none"]) == len(runs["pmap"]) > 0
+    for a, b in zip(runs["pmap"], runs["none"], strict=True):
+        for k, v in b.items():
+            assert a[k] == v if not isinstance(v, float) else abs(a[k] - v) <= 1e-6 * max(1.0, abs(v)), (k, a, b)
