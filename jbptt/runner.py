@@ -23,6 +23,7 @@ resumed from its last checkpoint (``train(..., resume=True)``) logs the same met
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -379,7 +380,7 @@ def _make_loop(exp: Experiment, params, carry, make_batch, source: str, prepare=
             lambda s: s,
         )
     try:
-        from jbptt import parallel
+        parallel = importlib.import_module("jbptt.parallel")  # (sys.modules first: tests may stand it in)
     except ImportError:
         raise ConfigError(
             "parallel.mode",
