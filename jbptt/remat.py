@@ -49,7 +49,7 @@ ScanFn = Callable[..., tuple[Any, Any]]
 
 __all__ = [
     "POLICIES", "Plan", "Schedule", "binomial", "binomial_schedule", "checkpoint_policy", "every_k",
-    "evaluations", "nested", "none", "per_step", "plan", "revolve_evaluations", "scan_from_config",
+    "evaluations", "nested", "none", "per_step", "plan", "residual_bytes", "revolve_evaluations", "scan_from_config",
     "schedule_scan", "sqrt",
 ]
 
@@ -689,6 +689,28 @@ def schedule_scan(schedule: Schedule) -> ScanFn:
 
     _execute.defvjp(fwd, bwd, symbolic_zeros=True)
     return _forward_only(impl)
+
+
+def residual_bytes(step: Callable, params, carry, x, lengths: tuple[int, int] = (16, 32)) -> float:
+    """Bytes per step that the plain scan's gradient keeps for ``step(params, carry, x) -> (carry, y)``: the slope
+    of XLA's temp memory (``memory_analysis().temp_size_in_bytes``) between two sequence lengths. Divided by the
+    carry's bytes it is the ``alpha`` of :func:`plan`.
+
+    Args:
+      carry: one carry (e.g. ``[B, H]``); x: one step's input (e.g. ``[B, I]``).
+    """
+
+    def temp(L):
+        xs = jax.tree.map(lambda a: jnp.broadcast_to(a, (L,) + jnp.shape(a)), x)
+
+        def loss(p):
+            c, ys = lax.scan(lambda c, xx: step(p, c, xx), carry, xs)
+            return sum(jnp.sum(v) for v in jax.tree_util.tree_leaves((c, ys)))
+
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    a, b = lengths
+    return (temp(b) - temp(a)) / (b - a)
 
 
 def binomial(slots: int = 10) -> ScanFn:
