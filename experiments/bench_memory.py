@@ -1,19 +1,18 @@
 """Memory/time trade-off of the remat schedules for BPTT (issue 6).
 
-For an Elman tanh cell and an LSTM (B=64, H=256, input size 2, one linear output: the shapes of the adding problem)
-and T in {256, 1024, 4096, 16384}, each policy of :mod:`jbptt.remat` is compiled as one jitted
+For an Elman tanh cell and an LSTM (B=64, H=256, input size 2, one linear output: the shapes of the adding
+problem) and T in {256, 1024, 4096, 16384}, each policy of :mod:`jbptt.remat` is compiled as one jitted
 ``value_and_grad`` of the BPTT loss and measured for
 
-* XLA temp memory, ``compiled.memory_analysis().temp_size_in_bytes`` (deterministic), as a fraction of the plain
-  scan's;
-* cell evaluations per gradient, counted at run time by a ``jax.debug.callback`` in the step (argument depends on
-  the carry), on the CPU backend with a small proxy cell (B=1, H=4, same T: schedules depend on T only), next to
-  the schedule's prediction;
+* XLA temp memory, ``compiled.memory_analysis().temp_size_in_bytes`` (deterministic), vs the plain scan's;
+* cell evaluations per gradient, counted at run time by a ``jax.debug.callback`` in the step (its argument
+  depends on the carry), on the CPU backend with a small proxy cell (B=1, H=4, same T: a schedule depends on T
+  only), next to the schedule's prediction;
 * median step time over interleaved repeats, relative to the plain scan's median in the same run.
 
-Then a few training steps at the largest T with the fastest policy that fits ``--budget-mib``, where the plain
-scan does not. Writes ``bench_memory.json``, ``bench_memory.md`` and ``bench_memory.png`` (memory-time frontier)
-to ``--out`` (atomically).
+Then a few training steps at the largest T with the fastest policy that fits ``--budget-mib``, which the plain
+scan exceeds. Writes ``bench_memory.json``, ``bench_memory.md`` and ``bench_memory.png`` (the memory-time
+frontier) to ``--out``, atomically.
 
     PYTHONPATH=. python experiments/bench_memory.py                      # full run (GPU recommended)
     PYTHONPATH=. python experiments/bench_memory.py --T 256 --repeats 3  # quick
@@ -123,7 +122,7 @@ def bench_one(cell_name: str, T: int, args) -> list[dict]:
                      "predicted_evals": int(predicted), "counted_evals": counted, "alpha": alpha,
                      "carry_bytes": carry_bytes})
     times = {name: [] for name in compiled}
-    for name, c in compiled.items():  # warm up
+    for c in compiled.values():  # warm up
         jax.block_until_ready(c(params))
     for _ in range(args.repeats):  # interleaved
         for name, c in compiled.items():
@@ -137,8 +136,9 @@ def bench_one(cell_name: str, T: int, args) -> list[dict]:
         r.update(median_s=med, time_ratio=med / base_t, mem_fraction=r["temp_bytes"] / base_mem,
                  mem_saved=1 - r["temp_bytes"] / base_mem, evals_per_step=r["predicted_evals"] / T)
         print(f"{cell_name:5s} T={T:6d} {r['policy']:11s} temp={r['temp_bytes'] / 2**20:9.2f} MiB "
-              f"saved={100 * r['mem_saved']:6.2f}%  time x{r['time_ratio']:.3f}  evals/T={r['evals_per_step']:.3f}"
-              f"  counted={r['counted_evals']} predicted={r['predicted_evals']}", flush=True)
+              f"saved={100 * r['mem_saved']:6.2f}%  time x{r['time_ratio']:.3f}  "
+              f"evals/T={r['evals_per_step']:.3f}  counted={r['counted_evals']} "
+              f"predicted={r['predicted_evals']}", flush=True)
     if any(r["policy"].startswith("plan") for r in rows):
         print(f"  (planning {plan_s:.1f} s for all budgets, alpha={alpha:.2f})")
     return rows
@@ -159,7 +159,8 @@ def train_under_budget(cell_name: str, T: int, rows: list[dict], budget: int, st
 
     @jax.jit
     def train_step(params, state):
-        loss, g = jax.value_and_grad(lambda p: loss_and_outputs(cell, losses.mse, p, batch, scan=scan)[0])(params)
+        loss_fn = lambda p: loss_and_outputs(cell, losses.mse, p, batch, scan=scan)[0]
+        loss, g = jax.value_and_grad(loss_fn)(params)
         updates, state = opt.update(g, state, params)
         return optax.apply_updates(params, updates), state, loss
 
@@ -170,13 +171,14 @@ def train_under_budget(cell_name: str, T: int, rows: list[dict], budget: int, st
         params, state, loss = train_step(params, state)
         loss_values.append(float(loss))
     return {"cell": cell_name, "T": T, "policy": best["policy"], "budget_bytes": budget,
-            "plain_temp_bytes": plain["temp_bytes"], "train_step_temp_bytes": int(temp), "losses": loss_values,
-            "finite": bool(np.all(np.isfinite(loss_values)))}
+            "plain_temp_bytes": plain["temp_bytes"], "train_step_temp_bytes": int(temp),
+            "losses": loss_values, "finite": bool(np.all(np.isfinite(loss_values)))}
 
 
 def markdown(rows, trains, meta) -> str:
-    lines = [f"device: {meta['device']}; B={B}, H={H}, I={I}, O={O}, float32; time = median of {meta['repeats']} "
-             "interleaved repeats relative to the plain scan in the same run; evaluations counted on the CPU "
+    lines = [f"device: {meta['device']}; B={B}, H={H}, I={I}, O={O}, float32; time = median of "
+             f"{meta['repeats']} interleaved repeats relative to the plain scan in the same run; evaluations "
+             "counted on the CPU "
              "backend with a proxy cell of the same T.", "",
              "| cell | T | policy | temp MiB | memory saved | time ratio | evals / T | counted = predicted |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
@@ -184,12 +186,14 @@ def markdown(rows, trains, meta) -> str:
         ok = "n/a" if r["counted_evals"] is None else ("yes" if r["counted_evals"] == r["predicted_evals"]
                                                          else f"NO ({r['counted_evals']})")
         lines.append(f"| {r['cell']} | {r['T']} | {r['policy']} | {r['temp_bytes'] / 2**20:.2f} | "
-                     f"{100 * r['mem_saved']:.2f}% | {r['time_ratio']:.3f} | {r['evals_per_step']:.3f} | {ok} |")
+                     f"{100 * r['mem_saved']:.2f}% | {r['time_ratio']:.3f} | {r['evals_per_step']:.3f} | "
+                     f"{ok} |")
     lines += ["", "Training at the largest T under the memory budget:", ""]
     for t in trains:
         lines.append(f"- {t['cell']} T={t['T']}: " + (
             t.get("note", "") if t.get("policy") is None else
-            f"budget {t['budget_bytes'] / 2**20:.0f} MiB, plain scan needs {t['plain_temp_bytes'] / 2**20:.0f} MiB; "
+            f"budget {t['budget_bytes'] / 2**20:.0f} MiB, plain scan needs "
+            f"{t['plain_temp_bytes'] / 2**20:.0f} MiB; "
             f"`{t['policy']}` train step temp {t['train_step_temp_bytes'] / 2**20:.1f} MiB, losses "
             f"{', '.join(f'{v:.4f}' for v in t['losses'])}"))
     return "\n".join(lines) + "\n"
@@ -227,28 +231,31 @@ def main(argv=None):
     ap.add_argument("--T", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     ap.add_argument("--cells", nargs="+", default=["tanh", "lstm"])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--plan-max-T", type=int, default=1024, help="plan only up to this T (planning is O(T^2))")
+    ap.add_argument("--plan-max-T", type=int, default=1024, help="plan only up to this T (O(T^2) planning)")
     ap.add_argument("--plan-units", type=int, nargs="+", default=[32, 64, 96])
-    ap.add_argument("--budget-mib", type=float, default=512.0, help="memory budget for the large-T training run")
+    ap.add_argument("--budget-mib", type=float, default=512.0, help="memory budget of the large-T training")
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--no-count", dest="count", action="store_false")
     ap.add_argument("--out", default="experiments/results")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     rows = []
+    partial = os.path.join(args.out, "bench_memory.partial.json")
     for cname in args.cells:
         for T in args.T:
             rows += bench_one(cname, T, args)
+            atomic_write(partial, json.dumps({"rows": rows}, indent=1))
     budget = int(args.budget_mib * 2**20)
     trains = [train_under_budget(c, max(args.T), rows, budget, args.train_steps) for c in args.cells]
     for t in trains:
         print("train:", t, flush=True)
-    meta = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "repeats": args.repeats,
-            "jax": jax.__version__, "B": B, "H": H, "I": I, "O": O}
+    meta = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+            "repeats": args.repeats, "jax": jax.__version__, "B": B, "H": H, "I": I, "O": O}
     atomic_write(os.path.join(args.out, "bench_memory.json"),
                  json.dumps({"meta": meta, "rows": rows, "train": trains}, indent=1))
     atomic_write(os.path.join(args.out, "bench_memory.md"), markdown(rows, trains, meta))
     plot(rows, os.path.join(args.out, "bench_memory.png"))
+    os.remove(partial)
     target = [r for r in rows if r["cell"] == "tanh" and r["T"] == 1024 and r["mem_saved"] >= 0.97]
     if target:
         best = min(target, key=lambda r: r["time_ratio"])

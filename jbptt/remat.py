@@ -1,36 +1,34 @@
 """Checkpoint (rematerialisation) schedules for differentiating an unrolled scan.
 
-Every policy is a drop-in replacement for ``lax.scan`` with the signature
-``scan(body, init, xs, reverse=False, unroll=1) -> (carry, ys)`` (``xs`` leaves are time-major ``[T, ...]``), so it
-plugs into :func:`jbptt.unroll.unroll` / :func:`jbptt.bptt.bptt` (``scan=``) and the truncated-BPTT estimator.
-None of them changes the gradient; they trade cell evaluations for memory:
+Every policy is a drop-in replacement for ``lax.scan``, ``scan(body, init, xs, reverse=False, unroll=1) ->
+(carry, ys)`` with time-major ``xs`` leaves ``[T, ...]``, so it plugs into :func:`jbptt.unroll.unroll` and
+:func:`jbptt.bptt.bptt` (``scan=``) and into truncated BPTT. None changes the gradient; they trade cell
+evaluations (forward recomputation) for memory:
 
-============  =====================================================  ===============================
-policy        what is stored                                          cell evaluations (fwd + recompute)
-============  =====================================================  ===============================
-``none``      every step's residuals (plain ``lax.scan``)             ``T``
-``per_step``  only the carry per step (``jax.checkpoint(step)``)      ``2T``
-``every_k``   carries every ``k`` steps + one segment's residuals     ``T + k*floor(T/k)``
-``nested``    ``d`` levels of ``every_k``                             ``~ d T``
-``binomial``  ``s`` carries, Griewank's revolve schedule              revolve's minimum (``evaluations``)
-``plan``      Gruslys et al. (2016) DP: carries and internal-state   the DP minimum for a memory budget
-              runs within a budget
-============  =====================================================  ===============================
+============  ====================================================  =====================================
+policy        what the gradient keeps                               cell evaluations per gradient
+============  ====================================================  =====================================
+``none``      every step's residuals (plain ``lax.scan``)           ``T``
+``per_step``  each step's carry (+ what a checkpoint policy saves)  ``2T``
+``every_k``   a carry every ``k`` steps + one segment's residuals   ``T + k * floor(T / k)``
+``nested``    ``d`` levels of ``every_k``                           about ``d T``
+``binomial``  ``s`` carries on Griewank's revolve schedule          revolve's minimum
+``plan``      carries + runs of full internal states (Gruslys DP)   the minimum within a memory budget
+============  ====================================================  =====================================
 
-``none``/``per_step``/``every_k``/``nested`` are built from ``lax.scan`` and ``jax.checkpoint`` only, so they are
-safe under ``jit``, ``grad``, ``vmap`` and ``jvp``. ``binomial`` and ``plan`` run a :class:`Schedule` (computed in
-Python before tracing) with a ``jax.custom_vjp`` executor whose compiled size does not grow with ``T``: the forward
-pass is one ``lax.scan`` that stores the schedule's carries; the backward pass is a ``lax.while_loop`` over the
-schedule's actions (restore / advance ``n`` steps / snapshot / reverse a run of ``L`` steps with JAX's own
-residuals, one ``lax.switch`` branch per distinct run length). They are safe under ``jit``, ``grad`` and ``vmap``
-but not forward mode (``jvp``), as for any ``custom_vjp``.
+``none``, ``per_step``, ``every_k`` and ``nested`` are ``lax.scan`` + ``jax.checkpoint`` only, so they are
+safe under ``jit``, ``grad``, ``vmap`` and ``jvp``. ``binomial`` and ``plan`` run a :class:`Schedule` computed
+in Python before tracing, with a ``jax.custom_vjp`` executor whose compiled size does not grow with ``T``: the
+forward pass is one ``lax.scan`` storing the schedule's carries (and the last run's residuals); the backward
+pass is a ``lax.while_loop`` over the schedule's actions (restore a carry, advance ``n`` steps, snapshot,
+reverse a run of ``L`` steps with JAX's own residuals: one ``lax.switch`` branch per distinct run length).
+They are safe under ``jit``, ``grad`` and ``vmap``, not forward mode (as any ``custom_vjp``).
 
-Cost model of schedules (used by the DP and checked by counting evaluations in the compiled program): memory is
-counted in *units* of one carry; a slot holds one carry; a *run* of ``L`` steps reversed with stored internal states
-(all residuals of the steps, ``alpha`` units each) needs ``(L - 1) * alpha`` free units (the last step's internal
-state is transient, as the "youturn" in revolve). With runs of length 1 only (``binomial``) the model is exactly
-Griewank & Walther's, and ``T + F(T, s)`` equals revolve's ``t(T, s) + T`` (forward steps plus one evaluation per
-reversed step).
+Cost model (used by the DP, checked by counting evaluations in the compiled program): memory is counted in
+carry units; the executor keeps a fixed buffer of ``slots`` carries and the residuals of one run at a time, so
+a schedule needs ``slots + (longest run - 1) * alpha`` units, ``alpha`` being a step's residuals over a carry
+(:func:`residual_bytes`). With runs of one step (``binomial``) this is Griewank & Walther's model and the
+count is revolve's ``t(T, s) + T`` (forward steps plus one evaluation per reversed step).
 """
 
 from __future__ import annotations
@@ -49,12 +47,12 @@ ScanFn = Callable[..., tuple[Any, Any]]
 
 __all__ = [
     "POLICIES", "Plan", "Schedule", "binomial", "binomial_schedule", "checkpoint_policy", "every_k",
-    "evaluations", "nested", "none", "per_step", "plan", "residual_bytes", "revolve_evaluations", "scan_from_config",
-    "schedule_scan", "sqrt",
+    "evaluations", "nested", "none", "per_step", "plan", "residual_bytes", "revolve_evaluations",
+    "scan_from_config", "schedule_scan", "sqrt",
 ]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Helpers.
 
 
@@ -104,7 +102,7 @@ def checkpoint_policy(name: str | Callable | None):
     return policy
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Scan-structured policies (lax.scan + jax.checkpoint only).
 
 
@@ -118,8 +116,8 @@ def per_step(policy: str | Callable | None = None) -> ScanFn:
 
     Args:
       policy: a ``jax.checkpoint_policies`` name or callable (e.g. ``"dots_saveable"``,
-        ``jax.checkpoint_policies.save_only_these_names("h")`` with values tagged by ``jax.ad_checkpoint.checkpoint_name``);
-        ``None`` saves nothing inside the step.
+        ``jax.checkpoint_policies.save_only_these_names("h")`` with values tagged by
+        ``jax.ad_checkpoint.checkpoint_name``); ``None`` saves nothing inside the step.
     """
     pol = checkpoint_policy(policy)
 
@@ -131,9 +129,9 @@ def per_step(policy: str | Callable | None = None) -> ScanFn:
 
 
 def _segment_scan(body, init, xs, seg_lens: Sequence[int], unroll: int):
-    """Scan whose steps are grouped: ``seg_lens[0]`` is the outermost segment length (checkpointed segments), the
-    last entry the innermost plain scan. A remainder that does not fill a segment is run at the next level down
-    without its own checkpoint."""
+    """Scan whose steps are grouped: ``seg_lens[0]`` is the outermost segment length (checkpointed segments),
+    the last entry the innermost plain scan. A remainder that does not fill a segment is run at the next level
+    down without its own checkpoint."""
     T = _length(xs)
     if len(seg_lens) <= 1 or T <= 1:
         return lax.scan(body, init, xs, unroll=unroll)
@@ -155,7 +153,7 @@ def _segment_scan(body, init, xs, seg_lens: Sequence[int], unroll: int):
 
 
 def _nested_lengths(T: int, levels: int, k: int | None) -> list[int]:
-    """Segment lengths, outermost first, for ``levels`` levels with branching ``k`` (default ``ceil(T^(1/d))``)."""
+    """Segment lengths, outermost first, for ``levels`` levels of branching ``k`` (default ceil(T^(1/d)))."""
     if levels < 1:
         raise ValueError(f"nested: levels must be >= 1, got {levels}")
     if k is None:
@@ -164,7 +162,8 @@ def _nested_lengths(T: int, levels: int, k: int | None) -> list[int]:
 
 
 def every_k(k: int | None = None) -> ScanFn:
-    """Two-level checkpointing: stores the carry every ``k`` steps and recomputes each segment in the backward pass.
+    """Two-level checkpointing: stores the carry every ``k`` steps and recomputes each segment in the backward
+    pass.
 
     Args:
       k: segment length; ``None`` means ``ceil(sqrt(T))`` (O(sqrt(T)) memory, see :func:`sqrt`).
@@ -212,7 +211,7 @@ def _segment_evaluations(T: int, seg_lens: Sequence[int]) -> int:
     return n * k + n * _segment_evaluations(k, inner) + _segment_evaluations(T - n * k, inner)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Schedules: the revolve recursion, the Gruslys et al. DP planner and the brute-force model they share.
 
 
@@ -224,9 +223,10 @@ class Schedule(NamedTuple):
       slots: carry slots used (slot 0 holds the initial carry).
       spine: ``(position, slot)`` snapshots taken during the forward pass (``(0, 0)`` first).
       tail: start of the last run ``[tail, T)``, whose residuals the forward pass keeps.
-      actions: ``[n, 4]`` int32 rows ``(op, a, n, slot)`` of the backward pass: ``op`` 0 restore the carry from
-        ``slot``; 1 advance ``n`` steps from position ``a``; 2 snapshot the carry into ``slot``; ``3 + j`` reverse the
-        run of ``run_lengths[j]`` steps starting at ``a`` (forward with residuals, then backward).
+      actions: ``[n, 4]`` int32 rows ``(op, a, n, slot)`` of the backward pass: ``op`` 0 restore the carry
+        from ``slot``; 1 advance ``n`` steps from position ``a``; 2 snapshot the carry into ``slot``; ``3 +
+        j`` reverse the run of ``run_lengths[j]`` steps starting at ``a`` (forward with residuals, then
+        backward).
       run_lengths: the distinct run lengths (one executor branch each).
       evaluations: predicted cell evaluations of one gradient (forward pass included).
       peak_units: predicted memory in carry units: ``slots + (longest run - 1) * alpha`` (the executor keeps a
@@ -243,8 +243,9 @@ class Schedule(NamedTuple):
     peak_units: float
 
 
-# A schedule tree: ("run", L) reverses L steps from the carry in hand; ("split", y, right, left) advances y steps,
-# reverses the remaining (right: a tree, snapshotting the carry first unless it is a run) then the first y (left).
+# A schedule tree: ("run", L) reverses L steps from the carry in hand; ("split", y, right, left) advances y
+# steps, reverses the remaining ones (right: a tree, snapshotting the carry first unless it is a run), then
+# the first y (left) from the start again.
 
 
 def _beta(s: int, r: int) -> int:
@@ -254,8 +255,9 @@ def _beta(s: int, r: int) -> int:
 def revolve_evaluations(l: int, s: int) -> int:
     """Cell evaluations of Griewank's optimal binomial reversal of ``l`` steps with ``s`` carry slots.
 
-    ``t(l, s) = r l - beta(s + 1, r - 1)`` forward steps with ``r`` the smallest integer with ``beta(s, r) >= l`` and
-    ``beta(s, r) = C(s + r, s)`` (Griewank & Walther 2000), plus one evaluation per reversed step: ``t(l, s) + l``.
+    ``t(l, s) = r l - beta(s + 1, r - 1)`` forward steps, with ``beta(s, r) = C(s + r, s)`` and ``r`` the
+    smallest integer with ``beta(s, r) >= l`` (Griewank & Walther 2000), plus one evaluation per reversed
+    step: ``t(l, s) + l``.
     """
     if l < 1 or s < 1:
         raise ValueError(f"revolve_evaluations needs l >= 1 and s >= 1, got l={l}, s={s}")
@@ -272,7 +274,8 @@ def _revolve_vec(ls: np.ndarray, s: int) -> np.ndarray:
 
 @functools.cache
 def _revolve_split(l: int, s: int) -> tuple[int, bool]:
-    """Best first advance ``y`` for reversing ``l`` steps with ``s`` slots, and whether the right part is a run."""
+    """Best first advance ``y`` for reversing ``l`` steps with ``s`` slots, and whether the right part is a
+    single-step run."""
     ys = np.arange(1, l)
     right = np.where(l - ys == 1, 1, _revolve_vec(l - ys, s - 1) if s >= 2 else np.iinfo(np.int64).max // 4)
     cost = ys + right + _revolve_vec(ys, s)
@@ -289,9 +292,10 @@ def _revolve_tree(l: int, s: int):
 
 
 class _DP(NamedTuple):
-    """DP tables over ``[run cap, l, s]``: ``R`` reverses ``l`` steps from a held start with ``s`` slots (the start's
-    included), forward included; ``F`` is the top level, beyond the forward pass. ``*c``: split point (0 = one run);
-    ``*k``: 1 if the right part is snapshotted and recursed, 0 if it is a run from the carry in hand."""
+    """DP tables over ``[run cap, l, s]``: ``R`` reverses ``l`` steps from a held start with ``s`` slots (the
+    start's included), forward included; ``F`` is the top level, beyond the forward pass. ``*c``: split point
+    (0 = one run); ``*k``: 1 if the right part is snapshotted and recursed, 0 if it is a run from the carry in
+    hand."""
 
     caps: np.ndarray
     R: np.ndarray
@@ -307,8 +311,9 @@ _INF = np.iinfo(np.int64).max // 4
 
 @functools.lru_cache(maxsize=8)
 def _dp(T: int, S: int, caps: tuple[int, ...]) -> _DP:
-    """Exact DP over schedule trees with at most ``S`` slots and runs of at most ``cap`` steps, for every cap in
-    ``caps`` at once (vectorised over caps and split points): O(T^2 S len(caps)) work, O(T S) Python iterations."""
+    """Exact DP over schedule trees with at most ``S`` slots and runs of at most ``cap`` steps, for every cap
+    in ``caps`` at once (vectorised over caps and split points): O(T^2 S len(caps)) work, O(T S) Python
+    iterations."""
     caps_a = np.asarray(caps, np.int64)[:, None]
     n = len(caps)
     shape = (n, T + 1, S + 1)
@@ -427,8 +432,8 @@ def _compile(tree, T: int, slots: int, alpha: float) -> Schedule:
 
 
 def binomial_schedule(T: int, slots: int) -> Schedule:
-    """Griewank's optimal binomial (revolve) schedule for ``T`` steps and ``slots`` carry slots (>= 1; slot 0 holds
-    the initial carry). Its ``evaluations`` equal :func:`revolve_evaluations` ``(T, slots)``."""
+    """Griewank's optimal binomial (revolve) schedule for ``T`` steps and ``slots`` carry slots (>= 1; slot 0
+    holds the initial carry). Its ``evaluations`` equal :func:`revolve_evaluations` ``(T, slots)``."""
     if T < 1 or slots < 1:
         raise ValueError(f"binomial schedule needs T >= 1 and slots >= 1, got T={T}, slots={slots}")
     slots = min(slots, T)
@@ -456,7 +461,7 @@ class Plan(NamedTuple):
 
 
 def _plan_search(T: int, units: float, alpha: float):
-    """Best (evaluations, memory, cap, slots) over all run caps whose slots + (cap - 1) alpha fit ``units``."""
+    """Best (evaluations, memory, cap, slots) over the run caps whose ``slots + (cap - 1) alpha`` fit."""
     caps, slots = [], []
     for cap in range(1, T + 1):
         s = min(T, int(math.floor(units - (cap - 1) * alpha + 1e-9)))
@@ -464,8 +469,6 @@ def _plan_search(T: int, units: float, alpha: float):
             break
         caps.append(cap)
         slots.append(s)
-        if s == 1 or cap == T:
-            pass
     if not caps:
         raise ValueError(f"plan: a budget of {units} carry units cannot hold one carry")
     dp = _dp(T, max(slots), tuple(caps))
@@ -482,13 +485,13 @@ def _plan_search(T: int, units: float, alpha: float):
 
 def plan(T: int, budget: float, *, alpha: float = 2.0, carry_bytes: int | None = None,
          internal_bytes: int | None = None) -> Plan:
-    """Gruslys et al. (2016)'s dynamic-programming planner: the schedule with the fewest cell evaluations whose
-    memory fits a budget, choosing between stored carries (1 unit each) and runs of full internal states (JAX's
-    residuals, ``alpha`` units per step; those steps are not recomputed).
+    """Gruslys et al. (2016)'s dynamic-programming planner: the schedule with the fewest cell evaluations
+    whose memory fits a budget, choosing between stored carries (1 unit each) and runs of full internal states
+    (JAX's residuals, ``alpha`` units per step; those steps are not recomputed).
 
-    The memory model is the executor's: a fixed buffer of ``slots`` carries plus the residuals of the longest run,
-    ``slots + (cap - 1) * alpha <= budget``. For every run cap the DP finds the fewest evaluations with that many
-    slots; the plan is the best cap (ties: least memory). :func:`binomial` is the cap-1 special case.
+    The memory model is the executor's: a fixed buffer of ``slots`` carries plus the residuals of the longest
+    run, ``slots + (cap - 1) * alpha <= budget``. For every run cap the DP finds the fewest evaluations with
+    that many slots; the plan is the best cap (ties: least memory). :func:`binomial` is the cap-1 case.
 
     Args:
       T: sequence length.
@@ -499,7 +502,8 @@ def plan(T: int, budget: float, *, alpha: float = 2.0, carry_bytes: int | None =
       internal_bytes: bytes of one step's residuals.
 
     Returns:
-      A :class:`Plan`. Planning costs O(T^2 budget^2 / alpha) numpy work (about a second at T=512 with 50 units).
+      A :class:`Plan`. Planning costs O(T^2 budget^2 / alpha) numpy work and O(T budget) Python iterations:
+      seconds at T=256, about half a minute at T=1024 with 96 units.
     """
     if carry_bytes is not None:
         if internal_bytes is not None:
@@ -521,7 +525,7 @@ def plan(T: int, budget: float, *, alpha: float = 2.0, carry_bytes: int | None =
     return Plan(sched, schedule_scan(sched), ev, units, sched.peak_units, alpha)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The schedule executor (custom_vjp).
 
 
@@ -542,7 +546,7 @@ def _instantiate(ct):
 
 
 def schedule_scan(schedule: Schedule) -> ScanFn:
-    """The executor of a :class:`Schedule` as a ``lax.scan`` replacement (``xs`` must have ``schedule.T`` steps).
+    """The executor of a :class:`Schedule`: a ``lax.scan`` replacement for ``xs`` of ``schedule.T`` steps.
 
     The forward pass is one scan storing the spine's carries and the tail run's residuals; the backward pass
     replays ``schedule.actions`` in a ``lax.while_loop``. The compiled program's size depends on the number of
@@ -579,11 +583,6 @@ def schedule_scan(schedule: Schedule) -> ScanFn:
         out, vjp = jax.vjp(f, consts, c, xd)
         return out, vjp, diff, xdef, xleaves
 
-    def merge_xct(xd_ct, diff, xleaves, xdef):
-        it = iter(xd_ct)
-        return jax.tree_util.tree_unflatten(
-            xdef, [next(it) if d else _zero_cotangent(a) for a, d in zip(xleaves, diff, strict=True)])
-
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
     def _execute(conv, consts, init, xs, unroll):
         return lax.scan(lambda c, x: conv(c, x, *consts), init, xs, unroll=unroll)
@@ -607,11 +606,11 @@ def schedule_scan(schedule: Schedule) -> ScanFn:
             return (c, H), y
 
         if tail > 0:
-            (c, H), ys_head = lax.scan(step, (init_v, H), (_slice(xs_v, 0, tail), jnp.asarray(spine_at[:tail])),
-                                       unroll=unroll)
+            head = (_slice(xs_v, 0, tail), jnp.asarray(spine_at[:tail]))
+            (c, H), ys_head = lax.scan(step, (init_v, H), head, unroll=unroll)
         else:
             c, ys_head = init_v, None
-        (carry, ys_tail), vjp, diff, xdef, xleaves = run_vjp(conv, consts_v, c, _slice(xs_v, tail, T), unroll)
+        (carry, ys_tail), vjp, *_ = run_vjp(conv, consts_v, c, _slice(xs_v, tail, T), unroll)
         ys = _concat([ys_head, ys_tail])
         return (carry, ys), (consts_v, init_v, xs_v, H, vjp, xs_perturbed)
 
@@ -624,9 +623,11 @@ def schedule_scan(schedule: Schedule) -> ScanFn:
         xleaves_all, xs_def = jax.tree_util.tree_flatten(xs)
         diff = [_is_diff(a) for a in xleaves_all]
         # cotangent buffers for the floating xs leaves, [T, ...] each (only if xs are differentiated)
-        xbuf = [jnp.zeros_like(a) for a, d in zip(xleaves_all, diff, strict=True) if d] if xs_perturbed else []
+        xbuf = []
         if xs_perturbed:
-            xbuf = [lax.dynamic_update_slice_in_dim(b, g, tail, 0) for b, g in zip(xbuf, xd_ct, strict=True)]
+            xbuf = [lax.dynamic_update_slice_in_dim(jnp.zeros_like(a), g, tail, 0)
+                    for a, g in zip([v for v, d in zip(xleaves_all, diff, strict=True) if d], xd_ct,
+                                    strict=True)]
         if len(actions) == 0:
             return _finish(consts_ct, c_ct, xbuf, xs_perturbed, xleaves_all, diff, xs_def)
 
@@ -638,7 +639,8 @@ def schedule_scan(schedule: Schedule) -> ScanFn:
 
         def op_restore(st, a, n, sl):
             h, H, cc, cct, xb = st
-            return (jax.tree.map(lambda Hb: lax.dynamic_index_in_dim(Hb, sl, 0, keepdims=False), H), H, cc, cct, xb)
+            h = jax.tree.map(lambda Hb: lax.dynamic_index_in_dim(Hb, sl, 0, keepdims=False), H)
+            return (h, H, cc, cct, xb)
 
         def op_advance(st, a, n, sl):
             h, H, cc, cct, xb = st
@@ -692,9 +694,9 @@ def schedule_scan(schedule: Schedule) -> ScanFn:
 
 
 def residual_bytes(step: Callable, params, carry, x, lengths: tuple[int, int] = (16, 32)) -> float:
-    """Bytes per step that the plain scan's gradient keeps for ``step(params, carry, x) -> (carry, y)``: the slope
-    of XLA's temp memory (``memory_analysis().temp_size_in_bytes``) between two sequence lengths. Divided by the
-    carry's bytes it is the ``alpha`` of :func:`plan`.
+    """Bytes per step that the plain scan's gradient keeps for ``step(params, carry, x) -> (carry, y)``: the
+    slope of XLA's temp memory (``memory_analysis().temp_size_in_bytes``) between two sequence lengths of the
+    gradient w.r.t. ``params``. Divided by the carry's bytes it is the ``alpha`` of :func:`plan`.
 
     Args:
       carry: one carry (e.g. ``[B, H]``); x: one step's input (e.g. ``[B, I]``).
@@ -714,8 +716,9 @@ def residual_bytes(step: Callable, params, carry, x, lengths: tuple[int, int] = 
 
 
 def binomial(slots: int = 10) -> ScanFn:
-    """Griewank's revolve: the fewest cell evaluations possible for reversing ``T`` steps with ``slots`` stored
-    carries (schedule computed in Python for the ``T`` seen at trace time and cached)."""
+    """Griewank's revolve: the fewest cell evaluations possible for reversing ``T`` steps with ``slots``
+    stored carries, the initial carry's included (schedule computed in Python for the ``T`` seen at trace time
+    and cached). Memory: ``slots`` carries plus one step's residuals."""
     if slots < 1:
         raise ValueError(f"binomial: slots must be >= 1, got {slots}")
 
@@ -770,7 +773,7 @@ def scan_from_config(cfg: dict | None) -> ScanFn | None:
     """Builds a scan from a config's ``remat:`` section, e.g. ``{"policy": "sqrt"}``, ``{"policy": "every_k",
     "k": 32}``, ``{"policy": "nested", "levels": 3}``, ``{"policy": "binomial", "slots": 10}``,
     ``{"policy": "plan", "budget": 64, "alpha": 2}`` (budget in carry units), ``{"policy": "per_step",
-    "policy_name": "dots_saveable"}``.
+    "checkpoint_policy": "dots_saveable"}``.
 
     Returns:
       ``None`` for no section or ``policy: none`` (use ``lax.scan``), else the scan function.
@@ -787,8 +790,8 @@ def scan_from_config(cfg: dict | None) -> ScanFn | None:
         if cfg:
             raise ValueError(f"remat policy 'none' takes no options, got {sorted(cfg)}")
         return None
-    if name == "per_step" and "policy_name" in cfg:
-        cfg["policy"] = cfg.pop("policy_name")
+    if name == "per_step" and "checkpoint_policy" in cfg:
+        cfg["policy"] = cfg.pop("checkpoint_policy")
     try:
         return POLICIES[name](**cfg)
     except TypeError as e:
