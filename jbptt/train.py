@@ -51,7 +51,7 @@ def make_train_step(estimator: GradientEstimator, optimizer: optax.GradientTrans
             loss, grads = grad_transform((loss, grads))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return TrainState(params, opt_state, est_state, state.step + 1), metrics
 
     return train_step
