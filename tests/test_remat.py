@@ -333,3 +333,20 @@ def test_scan_from_config():
         remat.per_step("no_such_policy")
     with pytest.raises(ValueError, match="planned for T=5"):
         remat.plan(5, 3).scan(lambda c, x: (c, x), jnp.zeros(2), jnp.zeros((6, 2)))
+
+
+def test_plan_budget_in_bytes_and_tiny_sequences(key):
+    by_units = remat.plan(40, 12, alpha=2.5)
+    by_bytes = remat.plan(40, 12 * 4096, carry_bytes=4096, internal_bytes=2.5 * 4096)
+    assert by_bytes.evaluations == by_units.evaluations and by_bytes.schedule.slots == by_units.schedule.slots
+    with pytest.raises(ValueError, match="at least one carry"):
+        remat.plan(10, 100, carry_bytes=4096)
+    cell = _cells()["elman"]
+    params = cell.init(key, 3)
+    for n in (1, 2):
+        xs = jax.random.normal(jax.random.key(n), (2, n, 3), jnp.float64)
+        batch = Batch(xs, jax.random.normal(key, (2, n, 2), jnp.float64))
+        g0 = reference_gradient(cell, losses.mse, params, batch)[1]
+        for scan in (remat.binomial(1), remat.plan(n, 1).scan):
+            g = jax.grad(lambda p, s=scan, b=batch: loss_and_outputs(cell, losses.mse, p, b, scan=s)[0])(params)
+            assert _max_err(g, g0) < 1e-10, n
