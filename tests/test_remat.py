@@ -57,7 +57,9 @@ def _check_gradients(cell_name, key, ragged):
                           cell.init(jax.random.key(1), 3))  # random biases too
     batch = _batch(jax.random.key(2 + ragged), ragged=ragged)
     loss0, g0 = reference_gradient(cell, losses.mse, params, batch)
-    policies = _policies()
+    # sqrt is every_k with another k, per_step_dots per_step with another policy: run on the stacked cell only
+    policies = {k: v for k, v in _policies().items()
+                if cell_name == "stack" or k not in ("sqrt", "per_step_dots")}
 
     @jax.jit  # one compilation for all policies (faster than one each)
     def all_policies(params, batch):
@@ -305,15 +307,15 @@ def _temp_bytes(cell, params, batch, scan):
 
 
 def test_temp_memory_monotone_as_budget_shrinks(key):
-    n = 96
+    n = 64
     cell = cells.with_readout(cells.elman(32, dtype=jnp.float32), 1)
     params = cell.init(key, 1)
     batch = Batch(jax.random.normal(key, (8, n, 1)), jnp.zeros((8, n, 1)))
     plain = _temp_bytes(cell, params, batch, None)
-    mems = [_temp_bytes(cell, params, batch, remat.plan(n, u, alpha=3.0).scan) for u in (48, 24, 12, 6)]
+    mems = [_temp_bytes(cell, params, batch, remat.plan(n, u, alpha=3.0).scan) for u in (40, 16, 6)]
     assert all(a >= b for a, b in zip(mems, mems[1:], strict=False)), mems
     assert mems[-1] < 0.25 * plain
-    slots = [_temp_bytes(cell, params, batch, remat.binomial(s)) for s in (16, 8, 4)]
+    slots = [_temp_bytes(cell, params, batch, remat.binomial(s)) for s in (16, 4)]
     assert all(a >= b for a, b in zip(slots, slots[1:], strict=False)), slots
     assert _temp_bytes(cell, params, batch, remat.sqrt()) < plain
 
@@ -343,10 +345,9 @@ def test_plan_budget_in_bytes_and_tiny_sequences(key):
         remat.plan(10, 100, carry_bytes=4096)
     cell = _cells()["elman"]
     params = cell.init(key, 3)
-    for n in (1, 2):
+    for n, scan in ((1, remat.plan(1, 1).scan), (2, remat.binomial(1))):
         xs = jax.random.normal(jax.random.key(n), (2, n, 3), jnp.float64)
         batch = Batch(xs, jax.random.normal(key, (2, n, 2), jnp.float64))
         g0 = reference_gradient(cell, losses.mse, params, batch)[1]
-        for scan in (remat.binomial(1), remat.plan(n, 1).scan):
-            g = jax.grad(lambda p, s=scan, b=batch: loss_and_outputs(cell, losses.mse, p, b, scan=s)[0])(params)
-            assert _max_err(g, g0) < 1e-10, n
+        g = jax.grad(lambda p, s=scan, b=batch: loss_and_outputs(cell, losses.mse, p, b, scan=s)[0])(params)
+        assert _max_err(g, g0) < 1e-10, n
