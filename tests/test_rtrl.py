@@ -117,14 +117,14 @@ def test_rtrl_trains_online(key):
 
 
 def test_influence_size_error_suggests_approximation():
-    cell = cells.elman(64)
+    cell = cells.elman(16)
     params = cell.init(jax.random.key(0), 8)
-    nbytes = influence_bytes(cell, params, 16)
-    assert nbytes == 16 * (64 * 64 + 8 * 64 + 64) * 64 * 4
+    nbytes = influence_bytes(cell, params, 4)
+    assert nbytes == 4 * (16 * 16 + 8 * 16 + 16) * 16 * 4
     est = rtrl(cell, losses.mse, max_influence_bytes=nbytes - 1)
     with pytest.raises(ValueError, match=r"(?s)influence matrix.*bytes.*snap1"):
-        est.init(params, cell.initial_carry(params, (16,)))
-    rtrl(cell, losses.mse, max_influence_bytes=nbytes).init(params, cell.initial_carry(params, (16,)))
+        est.init(params, cell.initial_carry(params, (4,)))
+    rtrl(cell, losses.mse, max_influence_bytes=nbytes).init(params, cell.initial_carry(params, (4,)))
 
 
 def test_diagonal_path_rejects_dense_cells(key):
