@@ -137,7 +137,7 @@ def test_online_estimators_run_stateful_under_jit(key):
     """Every online estimator continues from its state across segments under jit, with finite gradients."""
     params, batch = random_problem(ELMAN, key, T=8)
     for name in ("snap1", "uoro", "rflo"):
-        est = jbptt.make_estimator(name, ELMAN, losses.mse)
+        est = jbptt.make_estimator(name, ELMAN, losses.mse, stateful=True)
         state = est.init(params, ELMAN.initial_carry(params, (2,)))
         upd = jax.jit(est.update)
         _, g1, state = upd(params, state, batch)

@@ -84,7 +84,7 @@ def test_rtrl_under_jit_and_online_chunks(key):
     weighting each chunk's gradient by its share of the loss weights recovers the whole-sequence gradient."""
     cell = cells.with_readout(cells.gru(3), 2)
     params, batch = random_problem(cell, key, T=10, mask=True, resets=True)
-    est = rtrl(cell, losses.mse)
+    est = rtrl(cell, losses.mse, stateful=True)
     _, g_ref = reference(cell, losses.mse, params, batch)
     state0 = est.init(params, cell.initial_carry(params, (2,)))
     _, g_jit, _ = jax.jit(est.update)(params, state0, batch)
@@ -103,7 +103,7 @@ def test_rtrl_trains_online(key):
     cell = cells.with_readout(cells.elman(4), 1)
     params, batch = random_problem(cell, key, B=4, T=40, I=2)
     batch = batch._replace(targets=jnp.roll(batch.inputs[..., :1], 1, axis=1))  # recall the previous input
-    est = jbptt.make_estimator("rtrl", cell, losses.mse)
+    est = jbptt.make_estimator("rtrl", cell, losses.mse, stateful=True)
     opt = optax.adam(3e-2)
     state = jbptt.train.init_train_state(est, opt, params, cell.initial_carry(params, (4,)))
     step = jax.jit(jbptt.train.make_train_step(est, opt))
