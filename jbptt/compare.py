@@ -67,6 +67,13 @@ from jbptt.train import TrainState, make_train_step
 from jbptt.unroll import unroll
 
 OFFLINE = ("bptt", "tbptt")
+STATEFUL_ONLINE = ("rtrl", "snap", "snap1", "snap2", "uoro", "kfrtrl", "eprop", "rflo")
+
+
+def _online_options(spec) -> dict:
+    """jbptt's online estimators run ``stateful`` here: the harness re-initialises the state at every new batch
+    of sequences and carries it between the chunks of one sequence."""
+    return {"stateful": True, **spec.options} if spec.name in STATEFUL_ONLINE else dict(spec.options)
 SECTIONS = ("agreement", "scaling", "training")
 
 
@@ -599,7 +606,7 @@ def run(cfg: CompareConfig, *, config_file: str = "<config>", out_dir: str | Non
 
     if "agreement" in only or "training" in only:
         task, cell, params, optimizer, loss_fn = _experiment(cfg)
-        estimators = {s.label: make_estimator(s.name, cell, loss_fn, **s.options) for s in cfg.estimators}
+        estimators = {s.label: make_estimator(s.name, cell, loss_fn, **_online_options(s)) for s in cfg.estimators}
         fns = {label: _fresh_gradient(est, cell) for label, est in estimators.items()}
     if "agreement" in only:
         t0 = time.perf_counter()

@@ -56,7 +56,7 @@ def check_readout(cell: Cell, params, readout, x):
 
 @register_estimator("eprop")
 def eprop(cell: Cell, loss_fn: LossFn, *, internal: Sequence[int] | None = None, readout=hidden_readout,
-          stateful: bool = True) -> GradientEstimator:
+          stateful: bool = False) -> GradientEstimator:
     """e-prop as a :class:`GradientEstimator`.
 
     Args:

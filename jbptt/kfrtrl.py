@@ -89,7 +89,7 @@ def check_rank_one(cell: Cell, params, x, *, key=None, rtol: float = 1e-6):
 
 
 @register_estimator("kfrtrl")
-def kfrtrl(cell: Cell, loss_fn: LossFn, *, stateful: bool = True, eps: float = 1e-7) -> GradientEstimator:
+def kfrtrl(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 1e-7) -> GradientEstimator:
     """KF-RTRL as a :class:`GradientEstimator` (Elman-type cells; see the module docstring).
 
     Returns:

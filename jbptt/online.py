@@ -11,9 +11,10 @@ Every online estimator runs the segment step by step and keeps, next to the cell
   unit (SnAp-1, e-prop, RFLO and the exact element-wise path of RTRL).
 
 Online learning. ``update`` returns the exact (or estimated) gradient of the segment's loss, and the returned state
-holds the carry and the trace at the segment's end. With ``stateful=True`` (the default) the next ``update``
-continues from there, so a trainer that feeds short segments (e.g. ``n`` steps; see :func:`split_segment`) applies
-an optimizer update every ``n`` steps while the influence matrix is carried forward: no past is stored.
+holds the carry and the trace at the segment's end. With ``stateful=True`` the next ``update`` continues from
+there, so a trainer that feeds short segments (e.g. ``n`` steps; see :func:`split_segment`) applies an optimizer
+update every ``n`` steps while the influence matrix is carried forward: no past is stored. With the default
+``stateful=False`` every update starts from the initial carry (independent batches of whole sequences, as BPTT).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ __all__ = ["rflo"]
 
 @register_estimator("rflo")
 def rflo(cell: Cell, loss_fn: LossFn, *, leak: float = 1.0, feedback: str = "random", feedback_seed: int = 0,
-         readout=hidden_readout, stateful: bool = True) -> GradientEstimator:
+         readout=hidden_readout, stateful: bool = False) -> GradientEstimator:
     """RFLO as a :class:`GradientEstimator`.
 
     Args:

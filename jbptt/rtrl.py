@@ -137,7 +137,7 @@ def check_unit_structure(cell: Cell, params, x, *, key=None, atol: float = 0.0):
 
 
 @register_estimator("rtrl")
-def rtrl(cell: Cell, loss_fn: LossFn, *, mode: str = "jacobian", diagonal: bool = False, stateful: bool = True,
+def rtrl(cell: Cell, loss_fn: LossFn, *, mode: str = "jacobian", diagonal: bool = False, stateful: bool = False,
          max_influence_bytes: int | None = DEFAULT_MAX_INFLUENCE_BYTES) -> GradientEstimator:
     """Exact RTRL as a :class:`GradientEstimator`.
 
@@ -146,8 +146,9 @@ def rtrl(cell: Cell, loss_fn: LossFn, *, mode: str = "jacobian", diagonal: bool 
       loss_fn: per-step loss ``loss_fn(y, target) -> [...]``.
       mode: ``"jacobian"`` or ``"jvp"`` (dense path; see the module docstring).
       diagonal: use the compressed exact path for element-wise cells (checked on the first eager ``update``).
-      stateful: carry and influence continue from segment to segment (online learning). If False every update
-        restarts from the initial carry, like ``bptt(stateful=False)``.
+      stateful: carry and influence continue from segment to segment: online learning with an optimizer update
+        after every (short) segment. If False (default, as for ``bptt``) every update restarts from the initial
+        carry, so independent batches of sequences are handled like BPTT does.
       max_influence_bytes: the largest influence matrix (whole batch) allowed; ``None`` for no limit.
 
     Returns:

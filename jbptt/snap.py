@@ -60,7 +60,7 @@ def snap_pattern(fs: FlatStep, theta, x, n_steps: int, key):
 
 
 @register_estimator("snap")
-def snap(cell: Cell, loss_fn: LossFn, *, n: int = 2, stateful: bool = True,
+def snap(cell: Cell, loss_fn: LossFn, *, n: int = 2, stateful: bool = False,
          max_influence_bytes: int | None = 2 << 30) -> GradientEstimator:
     """SnAp-n with a masked dense influence ``[B, P, n]`` (see the module docstring).
 
@@ -97,7 +97,7 @@ def snap2(cell: Cell, loss_fn: LossFn, **options) -> GradientEstimator:
 
 
 @register_estimator("snap1")
-def snap1(cell: Cell, loss_fn: LossFn, *, stateful: bool = True) -> GradientEstimator:
+def snap1(cell: Cell, loss_fn: LossFn, *, stateful: bool = False) -> GradientEstimator:
     """SnAp-1 with the compressed influence ``[B, R, n]`` (memory O(P) per example, independent of ``T``).
 
     Returns:

@@ -57,11 +57,12 @@ def uoro_core(eps: float):
 
 
 @register_estimator("uoro")
-def uoro(cell: Cell, loss_fn: LossFn, *, stateful: bool = True, eps: float = 1e-7) -> GradientEstimator:
+def uoro(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 1e-7) -> GradientEstimator:
     """UORO as a :class:`GradientEstimator` for any cell.
 
     Args:
-      stateful: carry and rank-one influence continue between segments (online learning).
+      stateful: carry and rank-one influence continue between segments (online learning); default False (every
+        update starts from the initial carry, as for ``bptt``).
       eps: added to the variance-reduction scalings (as in the paper's reference code).
 
     Returns:

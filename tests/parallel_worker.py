@@ -58,7 +58,7 @@ from jbptt import cells, losses, parallel  # noqa: E402
 
 B, T, I, H, O = 16, 6, 3, 5, 2
 STEPS_SHORT = 10
-ESTIMATOR_OPTIONS = {"bptt": {"stateful": True}, "rtrl": {}, "snap1": {},  # online ones are stateful
+ESTIMATOR_OPTIONS = {"bptt": {"stateful": True}, "rtrl": {"stateful": True}, "snap1": {"stateful": True},
                      "tbptt": {"k1": 2, "k2": 3, "stateful": True}}  # 3 chunks a step, a replay window
 EXACT_FIRST_STEP = ("bptt", "rtrl")  # estimators whose first step is the full BPTT gradient
 

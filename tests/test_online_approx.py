@@ -45,6 +45,7 @@ def test_snap2_equals_rtrl_on_dense_elman_and_snap1_does_not(key):
     assert float(relative_error(estimate("snap1", ELMAN, params, batch), g_rtrl)) > 1e-3
 
 
+@pytest.mark.slow
 def test_snap_n1_masked_equals_snap1_compressed_on_indrnn(key):
     """The masked dense SnAp-1 and the compressed SnAp-1 are the same algorithm (element-wise cell: both exact)."""
     cell = DIAGONAL[0][1]
@@ -94,7 +95,7 @@ def test_kfrtrl_refuses_cells_that_do_not_factorise(key):
     ("eprop", ELMAN, {}),
     ("eprop", LSTM, {}),
     ("rflo", ELMAN, {"feedback": "symmetric"}),
-    ("rflo", ELMAN, {"feedback": "symmetric", "leak": 0.3}),
+    pytest.param("rflo", ELMAN, {"feedback": "symmetric", "leak": 0.3}, marks=pytest.mark.slow),
 ], ids=["eprop_elman", "eprop_lstm", "rflo_elman", "rflo_leaky"])
 def test_local_rules_equal_bptt_for_one_step_and_differ_over_many(name, cell, options, key):
     params, batch = random_problem(cell, key, T=1)
@@ -136,7 +137,7 @@ def test_online_estimators_run_stateful_under_jit(key):
     """Every online estimator continues from its state across segments under jit, with finite gradients."""
     params, batch = random_problem(ELMAN, key, T=8)
     for name in ("snap1", "uoro", "rflo"):
-        est = jbptt.make_estimator(name, ELMAN, losses.mse)
+        est = jbptt.make_estimator(name, ELMAN, losses.mse, stateful=True)
         state = est.init(params, ELMAN.initial_carry(params, (2,)))
         upd = jax.jit(est.update)
         _, g1, state = upd(params, state, batch)
