@@ -172,7 +172,7 @@ def build_estimator(cfg: Config, cell: Cell, loss_fn, source: str = "<config>") 
     options = dict(e.options)
     if cfg.remat.policy != "none":
         try:
-            from jbptt import remat
+            remat = importlib.import_module("jbptt.remat")  # (sys.modules first: tests may stand it in)
         except ImportError:
             raise ConfigError(
                 "remat.policy",
