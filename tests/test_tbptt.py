@@ -114,7 +114,7 @@ def chunked_bptt_reference(cell, params, batch, k):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(CELLS))
+@pytest.mark.parametrize("name", ["elman", "lstm"])  # (the GRU is covered by the chunked tests)
 def test_full_window_equals_bptt(name, key):
     cell, params, batch = make_problem(name, key)
     ref_loss, ref_grads = reference_gradient(cell, losses.mse, params, batch)
