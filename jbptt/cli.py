@@ -46,7 +46,7 @@ def _run(args) -> int:
             if bad:
                 raise ConfigError(
                     bad[0].split("=", 1)[0],
-                    f"cannot be changed when resuming (only {', '.join(RESUME_OVERRIDABLE)}...)",
+                    f"cannot be changed when resuming (only {', '.join(RESUME_OVERRIDABLE)}* can)",
                     "<command line>",
                 )
             path = os.path.join(args.resume, "config.yaml")
@@ -64,9 +64,7 @@ def _run(args) -> int:
 
             build(cfg, source)
             atomic_write(os.path.join(args.resume, "config.yaml"), dump_config(cfg))
-        summary = train(
-            cfg, args.resume or args.run_dir, resume=bool(args.resume), quiet=args.quiet, source=source
-        )
+        summary = train(cfg, args.resume or args.run_dir, resume=bool(args.resume), quiet=args.quiet, source=source)
     except ConfigError as e:
         return _err(f"config error: {e}", 2)
     except CheckpointError as e:
@@ -94,41 +92,23 @@ def _describe(summary: dict) -> str:
 def _sample(args) -> int:
     import jax
 
-    from jbptt import checkpoint as ckpt
-    from jbptt.config import ConfigError, load_config
-    from jbptt.runner import build
+    from jbptt.checkpoint import CheckpointError
+    from jbptt.config import ConfigError
+    from jbptt.runner import load_run
     from jbptt.sampling import generate
     from jbptt.tasks import text
 
-    path = os.path.join(args.run_dir, "config.yaml")
-    if not os.path.exists(path):
-        return _err(f"{args.run_dir} is not a run folder (no config.yaml)", 2)
-    try:
-        cfg = load_config(path)
-        exp = build(cfg, path)
-    except ConfigError as e:
-        return _err(f"config error: {e}", 2)
-    if "vocab" not in exp.task.info:
-        return _err(f"sample needs a character-level model; this run's task is {cfg.task.name!r}", 2)
     if args.length < 1 or args.temperature <= 0:
         return _err("--length must be >= 1 and --temperature > 0", 2)
-    params = exp.cell.init(jax.random.key(0), exp.task.input_size)
     try:
-        if args.checkpoint == "best":
-            params = ckpt.load(os.path.join(args.run_dir, "checkpoints", "best.msgpack"), params)
-        else:
-            from jbptt.runner import _runner_state
-            from jbptt.train import init_train_state
-
-            carry = exp.cell.initial_carry(params, (cfg.training.batch_size,))
-            state = init_train_state(exp.estimator, exp.optimizer, params, carry)
-            state, _, _ = ckpt.load(
-                os.path.join(args.run_dir, "checkpoints", "last.msgpack"),
-                (state, _runner_state(jax.random.key(0)), params),
-            )
-            params = state.params
-    except ckpt.CheckpointError as e:
+        cfg, exp, state = load_run(args.run_dir, args.checkpoint)
+    except ConfigError as e:
+        return _err(f"config error: {e}", 2)
+    except CheckpointError as e:
         return _err(f"checkpoint error: {e}", 1)
+    if "vocab" not in exp.task.info:
+        return _err(f"sample needs a character-level model; this run's task is {cfg.task.name!r}", 2)
+    params = state if args.checkpoint == "best" else state.params
     prompt = args.prompt or "\n"
     ids = generate(
         exp.cell,
@@ -149,9 +129,7 @@ def _plot(args) -> int:
     for d in args.run_dirs:
         if not os.path.exists(os.path.join(d, "metrics.jsonl")):
             return _err(f"{d} is not a run folder (no metrics.jsonl)", 2)
-    out = args.out or (
-        os.path.join(args.run_dirs[0], "curves.png") if len(args.run_dirs) == 1 else "runs.png"
-    )
+    out = args.out or (os.path.join(args.run_dirs[0], "curves.png") if len(args.run_dirs) == 1 else "runs.png")
     plots.plot_runs(args.run_dirs, out, metric=args.metric)
     written = [out]
     if len(args.run_dirs) == 1:
@@ -166,17 +144,13 @@ def _compare(argv) -> int:
         compare = importlib.import_module("jbptt.compare")
     except ImportError as e:
         if getattr(e, "name", None) == "jbptt.compare":
-            return _err(
-                "the compare subcommand needs jbptt.compare, which this installation does not have", 2
-            )
+            return _err("the compare subcommand needs jbptt.compare, which this installation does not have", 2)
         raise
     return compare.main(argv) or 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jbptt", description="Train and study RNNs with BPTT and its alternatives."
-    )
+    p = argparse.ArgumentParser(prog="jbptt", description="Train and study RNNs with BPTT and its alternatives.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train from a YAML config (or resume a run)")
     r.add_argument("config", nargs="?", help="YAML config file")
@@ -193,9 +167,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", choices=("last", "best"), default="last")
     pl = sub.add_parser("plot", help="overlay the curves of one or more runs")
     pl.add_argument("run_dirs", nargs="+")
-    pl.add_argument(
-        "--out", help="output PNG (default: RUN_DIR/curves.png for one run, runs.png for several)"
-    )
+    pl.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png for one run, runs.png for several)")
     pl.add_argument("--metric", help="validation metric to plot (default: each run's headline metric)")
     sub.add_parser("compare", help="compare gradient estimators (jbptt.compare)", add_help=False)
     return p

@@ -46,7 +46,7 @@ class TaskConfig:
 @dataclass
 class ModelConfig:
     """The cell: ``layers`` copies of ``CELLS[cell](hidden, dtype=dtype, **options)``, stacked, plus a
-    readout."""
+    readout. ``dtype: float64`` switches on ``jax_enable_x64`` for the whole process."""
 
     cell: str = "lstm"
     hidden: int = 64

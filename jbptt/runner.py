@@ -83,9 +83,7 @@ def build_cell(cfg: Config, output_size: int, source: str = "<config>") -> Cell:
     except (TypeError, ValueError) as e:
         raise ConfigError("model.options", f"cell {m.cell!r}: {e}", source) from None
     core = (
-        layers[0]
-        if len(layers) == 1 and m.dropout == 0
-        else stack(layers, residual=m.residual, dropout_rate=m.dropout)
+        layers[0] if len(layers) == 1 and m.dropout == 0 else stack(layers, residual=m.residual, dropout_rate=m.dropout)
     )
     cell = with_readout(core, output_size)
     return learned_initial_carry(cell) if m.learned_initial_carry else cell
@@ -99,17 +97,13 @@ def build_schedule(cfg: Config, source: str = "<config>"):
     if o.schedule == "cosine":
         return optax.cosine_decay_schedule(o.lr, steps, alpha=o.end_lr_fraction)
     if o.warmup_steps >= steps:
-        raise ConfigError(
-            "optimizer.warmup_steps", f"must be < training.steps ({steps}), got {o.warmup_steps}", source
-        )
+        raise ConfigError("optimizer.warmup_steps", f"must be < training.steps ({steps}), got {o.warmup_steps}", source)
     if o.schedule == "warmup":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
             [o.warmup_steps],
         )
-    return optax.warmup_cosine_decay_schedule(
-        0.0, o.lr, o.warmup_steps, steps, end_value=o.lr * o.end_lr_fraction
-    )
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, steps, end_value=o.lr * o.end_lr_fraction)
 
 
 def penalties(l1: float, l2: float) -> optax.GradientTransformation:
@@ -375,9 +369,7 @@ def _make_loop(exp: Experiment, params, carry, make_batch, source: str) -> _Loop
             source,
         ) from None
     try:
-        dp = parallel.data_parallel(
-            exp.estimator, exp.optimizer, params, carry, mode=p.mode, devices=p.devices
-        )
+        dp = parallel.data_parallel(exp.estimator, exp.optimizer, params, carry, mode=p.mode, devices=p.devices)
     except ValueError as e:
         raise ConfigError("parallel", str(e), source) from None
     # In a multi-process run each process feeds only its own rows of the global batch.
@@ -398,6 +390,32 @@ def _runner_state(data_key, elapsed=0.0):
         "skipped": np.int64(0),
         "elapsed": np.float64(elapsed),
     }
+
+
+def load_run(run_dir: str, which: str = "last"):
+    """Loads a run folder for analysis: ``(config, experiment, state)``.
+
+    ``which="last"`` returns the last checkpoint's :class:`~jbptt.train.TrainState` (``state.params``,
+    ``state.step``, ...); ``which="best"`` returns the parameters with the best validation metric.
+    Raises :class:`~jbptt.checkpoint.CheckpointError` for a missing, corrupt or mismatched checkpoint.
+    """
+    from jbptt.config import load_config
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise ckpt.CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = load_config(path)
+    exp = build(cfg, path)
+    params = exp.cell.init(jax.random.key(0), exp.task.input_size)
+    if which == "best":
+        return cfg, exp, ckpt.load(os.path.join(run_dir, "checkpoints", "best.msgpack"), params)
+    if exp.estimator is None:
+        raise ckpt.CheckpointError(f"{run_dir} is an ESN run: it has only the best.msgpack checkpoint")
+    carry = exp.cell.initial_carry(params, (cfg.training.batch_size,))
+    state = init_train_state(exp.estimator, exp.optimizer, params, carry)
+    target = (state, _runner_state(jax.random.key(0)), params)
+    state, _, _ = ckpt.load(os.path.join(run_dir, "checkpoints", "last.msgpack"), target)
+    return cfg, exp, state
 
 
 def train(
@@ -452,6 +470,12 @@ def train(
             raise ckpt.CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
     else:
         run_dir = run_dir or new_run_dir(cfg)
+        if os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise ConfigError(
+                "--run-dir",
+                f"{run_dir} already holds a run; continue it with --resume or choose another folder",
+                "<command line>",
+            )
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
         ckpt.atomic_write(os.path.join(run_dir, "metrics.jsonl"), "")
@@ -546,9 +570,7 @@ def train(
                 log({"step": step, "split": "val", **vm, "time": round(elapsed(), 3)})
                 value = vm[exp.task.metric]
                 best = float(rs["best"])
-                improved = math.isnan(best) or (
-                    value > best + t.min_delta if higher else value < best - t.min_delta
-                )
+                improved = math.isnan(best) or (value > best + t.min_delta if higher else value < best - t.min_delta)
                 if improved:
                     rs["best"], rs["best_step"], rs["bad_evals"] = (
                         np.float64(value),
@@ -570,8 +592,7 @@ def train(
                 status = "interrupted"
                 name = signal.Signals(signals.received).name
                 message = (
-                    f"{name} received: checkpoint saved at step {step}; continue with "
-                    f"`jbptt run --resume {run_dir}`"
+                    f"{name} received: checkpoint saved at step {step}; continue with `jbptt run --resume {run_dir}`"
                 )
                 break
     progress.update(step, loss, force=True)
@@ -594,9 +615,7 @@ def train(
         summary["signal"] = int(signals.received)
     if status != "halted_nan" and status != "interrupted":
         host = loop.gather(state)  # (after a halt the state may have been donated to the failed step)
-        test = make_evaluator(
-            exp, "test", t.eval_batch_size, t.eval_batches, jax.random.fold_in(eval_key, 1), eval_fn
-        )
+        test = make_evaluator(exp, "test", t.eval_batch_size, t.eval_batches, jax.random.fold_in(eval_key, 1), eval_fn)
         summary["final"] = {"val": evaluate(host.params), "test": test(host.params)}
         if int(rs["best_step"]) >= 0:
             summary["best"] = {

@@ -74,13 +74,15 @@ def test_sample_refuses_non_text_runs(tmp_path, capsys):
     assert cli.main(["run", write_config(tmp_path / "c.yaml", raw), "--run-dir", run_dir, "--quiet"]) == 0
     assert cli.main(["sample", run_dir]) == 2
     assert "character-level" in capsys.readouterr().err
+    before = open(os.path.join(run_dir, "metrics.jsonl")).read()
+    assert cli.main(["run", str(tmp_path / "c.yaml"), "--run-dir", run_dir]) == 2  # never overwrite a run
+    assert "already holds a run" in capsys.readouterr().err
+    assert open(os.path.join(run_dir, "metrics.jsonl")).read() == before
 
 
 def test_generate_greedy_follows_the_argmax(key):
     exp = build(
-        parse_config(
-            {"task": {"name": "chars", "options": {"seq_len": 5}}, "model": {"cell": "elman", "hidden": 6}}
-        )
+        parse_config({"task": {"name": "chars", "options": {"seq_len": 5}}, "model": {"cell": "elman", "hidden": 6}})
     )
     params = exp.cell.init(key, exp.task.input_size)
     ids = np.asarray(generate(exp.cell, params, np.array([3, 4]), 3, key, vocab_size=96, temperature=1e-6))

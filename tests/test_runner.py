@@ -13,12 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbptt import checkpoint as ckpt
 from jbptt import cli
 from jbptt.bptt import bptt
 from jbptt.config import parse_config
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.runner import build, build_optimizer, train
+from jbptt.runner import build_optimizer, load_run, train
 from tests.runner_helpers import metrics_without_time, tiny_raw, write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,9 +98,7 @@ def _wait_for_step(run_dir, proc, step, timeout=120):
 def resumable(tmp_path_factory):
     """A config long enough to interrupt, and the metrics of the same run done in one go (in a subprocess)."""
     tmp = tmp_path_factory.mktemp("resume")
-    raw = tiny_raw(
-        tmp, training={"steps": 800, "checkpoint_every": 37, "eval_every": 250}, logging={"log_every": 10}
-    )
+    raw = tiny_raw(tmp, training={"steps": 800, "checkpoint_every": 37, "eval_every": 250}, logging={"log_every": 10})
     cfg_file = write_config(tmp / "c.yaml", raw)
     full = _launch(cfg_file, tmp / "full")
     return cfg_file, tmp, full
@@ -126,29 +123,36 @@ def test_sigkill_and_resume_is_bit_identical(resumable):
     assert len(a) == len(b) and a == b
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(resumable):
-    cfg_file, tmp, _ = resumable
-    run_dir = tmp / "term"
-    proc = _launch(cfg_file, run_dir)
-    _wait_for_step(run_dir, proc, 50)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, capsys):
+    """SIGTERM (sent to this process while `jbptt run` trains in it) saves a checkpoint and exits with 143."""
+    import threading
+
+    raw = tiny_raw(tmp_path, training={"steps": 10**6, "checkpoint_every": 10**5, "eval_every": 10**5})
+    cfg_file, run_dir = write_config(tmp_path / "c.yaml", raw), tmp_path / "term"
+    done = threading.Event()
+
+    def send_when_running():
+        path = run_dir / "metrics.jsonl"
+        while not done.is_set():
+            if path.exists() and path.read_text().count("\n") >= 10:  # 50 steps logged, still training
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    sender = threading.Thread(target=send_when_running)
+    sender.start()
+    try:
+        code = cli.main(["run", cfg_file, "--run-dir", str(run_dir), "--quiet"])
+    finally:
+        done.set()
+        sender.join()
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM, err
     assert "SIGTERM received: checkpoint saved at step" in err and "--resume" in err
     summary = json.load(open(run_dir / "summary.json"))
-    assert summary["status"] == "interrupted" and 50 <= summary["steps"] < 800
-    exp = build(
-        parse_config(json.loads(json.dumps(__import__("yaml").safe_load(open(run_dir / "config.yaml")))))
-    )
-    params = exp.cell.init(jax.random.key(0), exp.task.input_size)
-    from jbptt.runner import _runner_state
-    from jbptt.train import init_train_state
-
-    state = init_train_state(exp.estimator, exp.optimizer, params, exp.cell.initial_carry(params, (8,)))
-    state, rs, _ = ckpt.load(
-        str(run_dir / "checkpoints" / "last.msgpack"), (state, _runner_state(jax.random.key(0)), params)
-    )
-    assert int(state.step) == summary["steps"]
+    assert summary["status"] == "interrupted" and 50 <= summary["steps"] < 10**5
+    _, _, state = load_run(str(run_dir))
+    assert int(state.step) == summary["steps"]  # saved at the step it stopped, not at checkpoint_every
 
 
 def test_nan_halts_and_keeps_last_good_checkpoint(tmp_path):
@@ -160,16 +164,7 @@ def test_nan_halts_and_keeps_last_good_checkpoint(tmp_path):
     summary = train(parse_config(raw), str(tmp_path / "r"))
     assert summary["status"] == "halted_nan" and summary["steps"] == 13
     assert "non-finite loss at step 14" in summary["message"]
-    exp = build(parse_config(raw))
-    params = exp.cell.init(jax.random.key(0), exp.task.input_size)
-    from jbptt.runner import _runner_state
-    from jbptt.train import init_train_state
-
-    state = init_train_state(exp.estimator, exp.optimizer, params, exp.cell.initial_carry(params, (8,)))
-    state, _, _ = ckpt.load(
-        str(tmp_path / "r" / "checkpoints" / "last.msgpack"),
-        (state, _runner_state(jax.random.key(0)), params),
-    )
+    _, _, state = load_run(str(tmp_path / "r"))
     assert int(state.step) == 10 and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
     assert max(r["step"] for r in metrics_without_time(tmp_path / "r")) == 10
 
@@ -200,9 +195,7 @@ def test_early_stopping_and_bad_checkpoint(tmp_path, capsys):
     assert "does not match" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "name", ["sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "adadelta", "rmsprop"]
-)
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "adadelta", "rmsprop"])
 def test_every_optimizer_and_schedule_steps(name):
     schedule = {"sgd": "cosine", "momentum": "warmup", "adamw": "warmup_cosine"}.get(name, "constant")
     cfg = parse_config(
@@ -231,16 +224,12 @@ def test_every_optimizer_and_schedule_steps(name):
 
 
 def test_clipping_and_penalties():
-    cfg = parse_config(
-        {"task": {"name": "adding"}, "optimizer": {"name": "sgd", "lr": 1.0, "clip_norm": 1.0}}
-    )
+    cfg = parse_config({"task": {"name": "adding"}, "optimizer": {"name": "sgd", "lr": 1.0, "clip_norm": 1.0}})
     params = {"w": jnp.zeros(2)}
     opt, _ = build_optimizer(cfg, params)
     upd, _ = opt.update({"w": jnp.array([3.0, 4.0])}, opt.init(params), params)
     np.testing.assert_allclose(upd["w"], [-0.6, -0.8], rtol=1e-6)
-    cfg = parse_config(
-        {"task": {"name": "adding"}, "optimizer": {"name": "sgd", "lr": 1.0, "l1": 0.5, "l2": 2.0}}
-    )
+    cfg = parse_config({"task": {"name": "adding"}, "optimizer": {"name": "sgd", "lr": 1.0, "l1": 0.5, "l2": 2.0}})
     params = {"w": jnp.array([1.0, -1.0])}
     opt, _ = build_optimizer(cfg, params)
     upd, _ = opt.update({"w": jnp.zeros(2)}, opt.init(params), params)
@@ -263,3 +252,36 @@ def test_esn_readout_fits_closed_form(tmp_path):
     )
     summary = train(parse_config(raw), str(tmp_path / "esn"))
     assert summary["final"]["test"]["nrmse"] < 0.1  # one-step prediction of a smooth series
+
+
+def test_remat_and_parallel_sections_call_their_modules(tmp_path, monkeypatch):
+    """The runner's contract with jbptt.remat (issue 6) and jbptt.parallel (issue 7), with stand-in modules."""
+    import types
+
+    from jax import lax
+
+    from jbptt.train import init_train_state, make_train_step
+
+    calls = {}
+
+    def scan_from_config(cfg):
+        calls["remat"] = cfg
+        return lambda *a, **k: (calls.__setitem__("scanned", True), lax.scan(*a, **k))[1]
+
+    def data_parallel(estimator, optimizer, params, carry, *, mode, devices):
+        calls["parallel"] = (mode, devices, jax.tree.leaves(carry)[0].shape[0])
+        step = jax.jit(make_train_step(estimator, optimizer))
+        init = lambda p, c: init_train_state(estimator, optimizer, p, c)
+        return types.SimpleNamespace(init=init, place=lambda s: s, step=step, gather=lambda s: s)
+
+    monkeypatch.setitem(sys.modules, "jbptt.remat", types.SimpleNamespace(scan_from_config=scan_from_config))
+    monkeypatch.setitem(sys.modules, "jbptt.parallel", types.SimpleNamespace(data_parallel=data_parallel))
+    raw = tiny_raw(
+        tmp_path,
+        remat={"policy": "every_k", "k": 2},
+        parallel={"mode": "sharded", "devices": 1},
+        training={"steps": 4, "eval_every": 2},
+    )
+    summary = train(parse_config(raw), str(tmp_path / "r"))
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    assert calls == {"remat": {"policy": "every_k", "k": 2}, "scanned": True, "parallel": ("sharded", 1, 8)}
