@@ -16,6 +16,10 @@ policy        what the gradient keeps                               cell evaluat
 ``plan``      carries + runs of full internal states (Gruslys DP)   the minimum within a memory budget
 ============  ====================================================  =====================================
 
+``every_k``, ``sqrt`` and ``nested`` take an optional checkpoint ``policy`` for the steps inside their segments;
+``"nonlinearities"`` (:func:`save_nonlinearity_outputs`) cuts a tanh step's residuals from 3 carries to 2 with no
+matrix product recomputed.
+
 ``none``, ``per_step``, ``every_k`` and ``nested`` are ``lax.scan`` + ``jax.checkpoint`` only, so they are
 safe under ``jit``, ``grad``, ``vmap`` and ``jvp``. ``binomial`` and ``plan`` run a :class:`Schedule` computed
 in Python before tracing, with a ``jax.custom_vjp`` executor whose compiled size does not grow with ``T``: the
