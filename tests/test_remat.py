@@ -59,9 +59,11 @@ def _check_gradients(cell_name, key, ragged):
                           cell.init(jax.random.key(1), 3))  # random biases too
     batch = _batch(jax.random.key(2 + ragged), ragged=ragged)
     loss0, g0 = reference_gradient(cell, losses.mse, params, batch)
-    # sqrt is every_k with another k, per_step_dots per_step with another policy: run on the stacked cell only
+    # sqrt is every_k with another k, per_step_dots per_step with another policy: run on the stacked cell only;
+    # the nonlinearities policy: nested_nl on elman and lstm, sqrt_nl on the stack (GRU + Elman)
+    stack_only = ("sqrt", "sqrt_nl", "per_step_dots")
     policies = {k: v for k, v in _policies().items()
-                if cell_name == "stack" or k not in ("sqrt", "sqrt_nl", "per_step_dots")}
+                if (k not in stack_only or cell_name == "stack") and (k != "nested_nl" or cell_name != "stack")}
 
     @jax.jit  # one compilation for all policies (faster than one each)
     def all_policies(params, batch):
