@@ -16,6 +16,8 @@ frontier) to ``--out``, atomically.
 
     PYTHONPATH=. python experiments/bench_memory.py                      # full run (GPU recommended)
     PYTHONPATH=. python experiments/bench_memory.py --T 256 --repeats 3  # quick
+    PYTHONPATH=. python experiments/bench_memory.py --cells tanh --T 1024 \
+        --policies per_step sqrt sqrt_nl nested3 nested3_nl --repeats 15     # the issue's target point (CPU)
 """
 
 from __future__ import annotations
@@ -46,20 +48,27 @@ def make_cell(name: str, hidden: int):
     return cells.with_readout(core, O)
 
 
-def policies(T: int, alpha: float, plan_max_T: int, plan_units) -> dict:
-    """name -> (scan, predicted evaluations)."""
-    out = {
-        "none": (None, T),
-        "per_step": (remat.per_step(), remat.evaluations("per_step", T)),
-        "sqrt": (remat.sqrt(), remat.evaluations("sqrt", T)),
-        "nested3": (remat.nested(3), remat.evaluations("nested", T, levels=3)),
-        "binomial10": (remat.binomial(10), remat.evaluations("binomial", T, slots=10)),
-        "binomial32": (remat.binomial(32), remat.evaluations("binomial", T, slots=32)),
+def policies(T: int, alpha: float, plan_max_T: int, plan_units, only=None) -> dict:
+    """name -> (scan, predicted evaluations); ``only``: names to keep (``none`` is always kept)."""
+    nl = "nonlinearities"  # inner steps keep their carry + tanh/sigmoid outputs (remat.save_nonlinearity_outputs)
+    makers = {
+        "none": lambda: (None, T),
+        "per_step": lambda: (remat.per_step(), remat.evaluations("per_step", T)),
+        "per_step_nl": lambda: (remat.per_step(nl), remat.evaluations("per_step", T)),
+        "sqrt": lambda: (remat.sqrt(), remat.evaluations("sqrt", T)),
+        "sqrt_nl": lambda: (remat.sqrt(nl), remat.evaluations("sqrt", T, checkpoint_policy=nl)),
+        "nested3": lambda: (remat.nested(3), remat.evaluations("nested", T, levels=3)),
+        "nested3_nl": lambda: (remat.nested(3, policy=nl),
+                              remat.evaluations("nested", T, levels=3, checkpoint_policy=nl)),
+        "binomial10": lambda: (remat.binomial(10), remat.evaluations("binomial", T, slots=10)),
+        "binomial32": lambda: (remat.binomial(32), remat.evaluations("binomial", T, slots=32)),
     }
+    out = {n: f() for n, f in makers.items() if only is None or n == "none" or n in only}
     if T <= plan_max_T:
         for u in plan_units:
-            pl = remat.plan(T, u, alpha=alpha)
-            out[f"plan{u}"] = (pl.scan, pl.evaluations)
+            if only is None or f"plan{u}" in only:
+                pl = remat.plan(T, u, alpha=alpha)
+                out[f"plan{u}"] = (pl.scan, pl.evaluations)
     return out
 
 
@@ -108,7 +117,7 @@ def bench_one(cell_name: str, T: int, args) -> list[dict]:
     carry_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(carry))
     alpha = remat.residual_bytes(cell.step, params, carry, jnp.ones((B, I))) / carry_bytes
     t0 = time.perf_counter()
-    pols = policies(T, alpha, args.plan_max_T, args.plan_units)
+    pols = policies(T, alpha, args.plan_max_T, args.plan_units, args.policies)
     plan_s = time.perf_counter() - t0
     compiled, rows = {}, []
     for name, (scan, predicted) in pols.items():
@@ -235,6 +244,8 @@ def main(argv=None):
     ap.add_argument("--plan-units", type=int, nargs="+", default=[32, 64, 96])
     ap.add_argument("--budget-mib", type=float, default=512.0, help="memory budget of the large-T training")
     ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--policies", nargs="+", default=None,
+                    help="only these policies (e.g. sqrt nested3 plan64); default: all; none is always run")
     ap.add_argument("--no-count", dest="count", action="store_false")
     ap.add_argument("--out", default="experiments/results")
     args = ap.parse_args(argv)

@@ -16,6 +16,10 @@ policy        what the gradient keeps                               cell evaluat
 ``plan``      carries + runs of full internal states (Gruslys DP)   the minimum within a memory budget
 ============  ====================================================  =====================================
 
+``every_k``, ``sqrt`` and ``nested`` take an optional checkpoint ``policy`` for the steps inside their segments;
+``"nonlinearities"`` (:func:`save_nonlinearity_outputs`) cuts a tanh step's residuals from 3 carries to 2 with no
+matrix product recomputed.
+
 ``none``, ``per_step``, ``every_k`` and ``nested`` are ``lax.scan`` + ``jax.checkpoint`` only, so they are
 safe under ``jit``, ``grad``, ``vmap`` and ``jvp``. ``binomial`` and ``plan`` run a :class:`Schedule` computed
 in Python before tracing, with a ``jax.custom_vjp`` executor whose compiled size does not grow with ``T``: the
@@ -48,7 +52,7 @@ ScanFn = Callable[..., tuple[Any, Any]]
 __all__ = [
     "POLICIES", "Plan", "Schedule", "binomial", "binomial_schedule", "checkpoint_policy", "every_k",
     "evaluations", "nested", "none", "per_step", "plan", "residual_bytes", "revolve_evaluations",
-    "scan_from_config", "schedule_scan", "sqrt",
+    "save_nonlinearity_outputs", "scan_from_config", "schedule_scan", "sqrt",
 ]
 
 
@@ -91,15 +95,41 @@ def _concat(parts):
     return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
 
 
+_OUTPUT_DERIVATIVE_PRIMITIVES = (lax.tanh_p, lax.logistic_p, lax.exp_p)
+
+
+def save_nonlinearity_outputs(prim, *_, **__) -> bool:
+    """A ``jax.checkpoint`` policy that saves the outputs of ``tanh``, ``logistic`` and ``exp``: their
+    derivatives are functions of their outputs, so the backward pass recomputes only elementwise ops, never the
+    matrix products that fed them. For an Elman tanh step a step keeps 2 carries (its input carry and the tanh
+    output) instead of the plain scan's 3 (JAX's tanh rule also keeps ``1 - tanh``). Name: ``"nonlinearities"``.
+    """
+    return prim in _OUTPUT_DERIVATIVE_PRIMITIVES
+
+
+_OWN_POLICIES = {"nonlinearities": save_nonlinearity_outputs}
+
+
 def checkpoint_policy(name: str | Callable | None):
-    """Resolves a ``jax.checkpoint_policies`` name (e.g. ``"dots_saveable"``) or passes a callable through."""
+    """Resolves a ``jax.checkpoint_policies`` name (e.g. ``"dots_saveable"``) or ``"nonlinearities"``
+    (:func:`save_nonlinearity_outputs`), or passes a callable (or ``None``) through."""
     if name is None or callable(name):
         return name
+    if name in _OWN_POLICIES:
+        return _OWN_POLICIES[name]
     policy = getattr(jax.checkpoint_policies, name, None)
     if policy is None or name.startswith("_"):
-        names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
+        names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")] + sorted(_OWN_POLICIES)
         raise ValueError(f"unknown checkpoint policy {name!r}; choose from {names}")
     return policy
+
+
+def _checkpointed_step(body, policy):
+    """``body`` itself when ``policy`` is ``None``, else ``jax.checkpoint(body, policy=policy)``: the innermost
+    steps of a segmented scan then keep only what the policy saves (plus each step's input carry)."""
+    if policy is None:
+        return body
+    return jax.checkpoint(body, policy=policy, prevent_cse=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -161,42 +191,49 @@ def _nested_lengths(T: int, levels: int, k: int | None) -> list[int]:
     return [k ** (levels - 1 - i) for i in range(levels - 1)] + [1]
 
 
-def every_k(k: int | None = None) -> ScanFn:
+def every_k(k: int | None = None, policy: str | Callable | None = None) -> ScanFn:
     """Two-level checkpointing: stores the carry every ``k`` steps and recomputes each segment in the backward
     pass.
 
     Args:
       k: segment length; ``None`` means ``ceil(sqrt(T))`` (O(sqrt(T)) memory, see :func:`sqrt`).
+      policy: optional checkpoint policy for the steps inside a recomputed segment (as in :func:`per_step`,
+        e.g. ``"nonlinearities"``): the segment then keeps each step's carry plus what the policy saves,
+        instead of JAX's full residuals. Same evaluation count.
     """
     if k is not None and k < 1:
         raise ValueError(f"every_k: k must be >= 1, got {k}")
+    pol = checkpoint_policy(policy)
 
     def impl(body, init, xs, unroll):
         T = _length(xs)
         kk = math.ceil(math.sqrt(T)) if k is None else k
-        return _segment_scan(body, init, xs, [kk, 1], unroll)
+        return _segment_scan(_checkpointed_step(body, pol), init, xs, [kk, 1], unroll)
 
     return _forward_only(impl)
 
 
-def sqrt() -> ScanFn:
-    """:func:`every_k` with ``k = ceil(sqrt(T))``."""
-    return every_k(None)
+def sqrt(policy: str | Callable | None = None) -> ScanFn:
+    """:func:`every_k` with ``k = ceil(sqrt(T))`` (and optionally a checkpoint ``policy`` for its steps)."""
+    return every_k(None, policy)
 
 
-def nested(levels: int = 3, k: int | None = None) -> ScanFn:
+def nested(levels: int = 3, k: int | None = None, policy: str | Callable | None = None) -> ScanFn:
     """``levels``-level checkpointing: segments of ``k^(d-1)``, ``k^(d-2)``, ... steps, each checkpointed and
     recomputed inside its parent's recomputation; O(d T^(1/d)) memory, ~d T evaluations.
 
     Args:
       levels: number of levels ``d`` (1 = plain scan, 2 = :func:`every_k`).
       k: branching factor; default ``ceil(T^(1/d))``.
+      policy: optional checkpoint policy for the innermost steps (see :func:`every_k`).
     """
     if levels < 1:
         raise ValueError(f"nested: levels must be >= 1, got {levels}")
+    pol = checkpoint_policy(policy)
 
     def impl(body, init, xs, unroll):
-        return _segment_scan(body, init, xs, _nested_lengths(_length(xs), levels, k), unroll)
+        seg_lens = _nested_lengths(_length(xs), levels, k)
+        return _segment_scan(_checkpointed_step(body, pol), init, xs, seg_lens, unroll)
 
     return _forward_only(impl)
 
@@ -735,16 +772,21 @@ def binomial(slots: int = 10) -> ScanFn:
 def evaluations(policy: str, T: int, **kwargs) -> int:
     """Predicted cell evaluations of one gradient through ``T`` steps under ``policy`` (forward included).
 
-    ``kwargs`` are the policy's options (``k``, ``levels``, ``slots``, ``budget``/``alpha`` for ``plan``)."""
+    ``kwargs`` are the policy's options (``k``, ``levels``, ``slots``, ``budget``/``alpha`` for ``plan``,
+    ``checkpoint_policy`` for ``every_k``/``sqrt``/``nested``). With a ``checkpoint_policy`` the segmented
+    policies also replay each step once in the backward pass of its inner checkpoint (``+ T``), but only the
+    part the policy did not save: with ``"nonlinearities"`` elementwise ops, no matrix product (the compiled
+    program has as many dot ops as without the policy)."""
     if policy == "none":
         return T
     if policy == "per_step":
         return 2 * T
+    replay = T if kwargs.get("checkpoint_policy") is not None else 0
     if policy in ("every_k", "sqrt"):
         k = kwargs.get("k") or math.ceil(math.sqrt(T))
-        return _segment_evaluations(T, [k, 1])
+        return _segment_evaluations(T, [k, 1]) + replay
     if policy == "nested":
-        return _segment_evaluations(T, _nested_lengths(T, kwargs.get("levels", 3), kwargs.get("k")))
+        return _segment_evaluations(T, _nested_lengths(T, kwargs.get("levels", 3), kwargs.get("k"))) + replay
     if policy == "binomial":
         return revolve_evaluations(T, min(kwargs.get("slots", 10), T))
     if policy == "plan":
@@ -773,7 +815,8 @@ def scan_from_config(cfg: dict | None) -> ScanFn | None:
     """Builds a scan from a config's ``remat:`` section, e.g. ``{"policy": "sqrt"}``, ``{"policy": "every_k",
     "k": 32}``, ``{"policy": "nested", "levels": 3}``, ``{"policy": "binomial", "slots": 10}``,
     ``{"policy": "plan", "budget": 64, "alpha": 2}`` (budget in carry units), ``{"policy": "per_step",
-    "checkpoint_policy": "dots_saveable"}``.
+    "checkpoint_policy": "dots_saveable"}``, ``{"policy": "nested", "levels": 3, "checkpoint_policy":
+    "nonlinearities"}`` (``checkpoint_policy`` also applies to the steps of ``every_k``/``sqrt``/``nested``).
 
     Returns:
       ``None`` for no section or ``policy: none`` (use ``lax.scan``), else the scan function.
@@ -790,7 +833,7 @@ def scan_from_config(cfg: dict | None) -> ScanFn | None:
         if cfg:
             raise ValueError(f"remat policy 'none' takes no options, got {sorted(cfg)}")
         return None
-    if name == "per_step" and "checkpoint_policy" in cfg:
+    if name in ("per_step", "every_k", "sqrt", "nested") and "checkpoint_policy" in cfg:
         cfg["policy"] = cfg.pop("checkpoint_policy")
     try:
         return POLICIES[name](**cfg)

@@ -31,6 +31,8 @@ def _policies():
         "every_k": remat.every_k(4),
         "sqrt": remat.sqrt(),
         "nested": remat.nested(3, k=2),
+        "nested_nl": remat.nested(3, k=2, policy="nonlinearities"),
+        "sqrt_nl": remat.sqrt("nonlinearities"),
         "binomial": remat.binomial(3),
         "plan": remat.plan(T, 5, alpha=2.0).scan,
     }
@@ -57,9 +59,11 @@ def _check_gradients(cell_name, key, ragged):
                           cell.init(jax.random.key(1), 3))  # random biases too
     batch = _batch(jax.random.key(2 + ragged), ragged=ragged)
     loss0, g0 = reference_gradient(cell, losses.mse, params, batch)
-    # sqrt is every_k with another k, per_step_dots per_step with another policy: run on the stacked cell only
+    # sqrt is every_k with another k, per_step_dots per_step with another policy: run on the stacked cell only;
+    # the nonlinearities policy: nested_nl on elman and lstm, sqrt_nl on the stack (GRU + Elman)
+    stack_only = ("sqrt", "sqrt_nl", "per_step_dots")
     policies = {k: v for k, v in _policies().items()
-                if cell_name == "stack" or k not in ("sqrt", "per_step_dots")}
+                if (k not in stack_only or cell_name == "stack") and (k != "nested_nl" or cell_name != "stack")}
 
     @jax.jit  # one compilation for all policies (faster than one each)
     def all_policies(params, batch):
@@ -162,6 +166,8 @@ def test_counted_evaluations_match_predictions(key):
              ("per_step", remat.per_step(), remat.evaluations("per_step", n)),
              ("every_k", remat.every_k(5), remat.evaluations("every_k", n, k=5)),
              ("sqrt", remat.sqrt(), remat.evaluations("sqrt", n)),
+             ("sqrt_nl", remat.sqrt("nonlinearities"),
+              remat.evaluations("sqrt", n, checkpoint_policy="nonlinearities")),
              ("nested", remat.nested(3), remat.evaluations("nested", n, levels=3)),
              ("binomial", remat.binomial(4), remat.evaluations("binomial", n, slots=4)),
              ("plan", pl.scan, pl.evaluations)]
@@ -320,12 +326,33 @@ def test_temp_memory_monotone_as_budget_shrinks(key):
     assert _temp_bytes(cell, params, batch, remat.sqrt()) < plain
 
 
+def test_nonlinearity_policy_saves_memory_without_recomputing_matrix_products(key):
+    """Inside sqrt segments, saving tanh outputs keeps 2 carries a step instead of 3, and the compiled program
+    has no more dot ops than the policy-free one (only elementwise work is replayed)."""
+    n = 64
+    cell = cells.with_readout(cells.elman(32, dtype=jnp.float32), 1)
+    params = cell.init(key, 1)
+    batch = Batch(jax.random.normal(key, (8, n, 1)), jnp.zeros((8, n, 1)))
+
+    def compiled(scan):
+        f = jax.jit(jax.grad(lambda p: loss_and_outputs(cell, losses.mse, p, batch, scan=scan)[0]))
+        c = f.lower(params).compile()
+        return c.memory_analysis().temp_size_in_bytes, c.as_text().count(" dot(")
+
+    for plain, with_policy in [(remat.sqrt(), remat.sqrt("nonlinearities")),
+                               (remat.none(), remat.per_step("nonlinearities"))]:
+        (m0, d0), (m1, d1) = compiled(plain), compiled(with_policy)
+        assert d1 == d0 > 0
+        assert m1 < m0
+
+
 def test_scan_from_config():
     assert remat.scan_from_config(None) is None
     assert remat.scan_from_config({"policy": "none"}) is None
     for cfg in [{"policy": "sqrt"}, {"policy": "every_k", "k": 32}, {"policy": "nested", "levels": 2},
                 {"policy": "binomial", "slots": 4}, {"policy": "plan", "budget": 8, "alpha": 2.0},
-                {"policy": "per_step", "checkpoint_policy": "dots_saveable"}]:
+                {"policy": "per_step", "checkpoint_policy": "dots_saveable"},
+                {"policy": "nested", "levels": 3, "checkpoint_policy": "nonlinearities"}]:
         assert callable(remat.scan_from_config(cfg))
     with pytest.raises(ValueError, match="unknown remat policy"):
         remat.scan_from_config({"policy": "revolve"})
