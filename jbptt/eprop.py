@@ -67,14 +67,28 @@ def eprop(cell: Cell, loss_fn: LossFn, *, internal: Sequence[int] | None = None,
     Returns:
       A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState` (eligibility ``[B, R, n]``).
     """
-    checked = []
-
     def parts(params):
         rows = unit_rows(cell, params)
         keep = jnp.zeros((rows.C,)).at[jnp.asarray(tuple(range(1, rows.C)) if internal is None else
                                                    tuple(internal), jnp.int32)].set(1.0)
         block = lambda blocks, *_: blocks * keep.astype(blocks.dtype)[None, None, :]
         return rows, compressed_core(rows, block, readout=readout)
+
+    return eligibility_estimator(cell, loss_fn, parts, readout=readout, stateful=stateful)
+
+
+def eligibility_estimator(cell: Cell, loss_fn: LossFn, parts, *, readout, stateful: bool) -> GradientEstimator:
+    """The GradientEstimator shared by e-prop and RFLO: compressed per-unit eligibility traces.
+
+    Args:
+      parts: ``parts(params) -> (rows, core)``, the unit rows and the per-example core of
+        :func:`jbptt.online.compressed_core` that advances the eligibility trace.
+      readout: the step's output as a function of the new carry (checked once against the step, eagerly).
+
+    Returns:
+      A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState` (eligibility ``[B, R, n]``).
+    """
+    checked = []
 
     def init(params, carry, key=None):
         return init_state(cell, params, carry, compressed_trace0(unit_rows(cell, params)), key)

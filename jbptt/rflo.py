@@ -14,16 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from jbptt.cells import Cell
-from jbptt.eprop import check_readout, hidden_readout
+from jbptt.eprop import eligibility_estimator, hidden_readout
 from jbptt.estimator import GradientEstimator, register_estimator
 from jbptt.losses import LossFn
 from jbptt.online import (
-    OnlineState,
     compressed_core,
-    compressed_trace0,
-    init_state,
-    is_concrete,
-    online_segment,
     unit_rows,
 )
 
@@ -47,8 +42,6 @@ def rflo(cell: Cell, loss_fn: LossFn, *, leak: float = 1.0, feedback: str = "ran
         raise ValueError(f"rflo: leak must be in (0, 1], got {leak}")
     if feedback not in ("random", "symmetric"):
         raise ValueError(f"rflo: feedback must be 'random' or 'symmetric', got {feedback!r}")
-    checked = []
-
     def parts(params):
         rows = unit_rows(cell, params)
         block = lambda blocks, *_: (1.0 - leak) * jnp.broadcast_to(jnp.eye(rows.C, dtype=blocks.dtype), blocks.shape)
@@ -61,16 +54,4 @@ def rflo(cell: Cell, loss_fn: LossFn, *, leak: float = 1.0, feedback: str = "ran
             fb = lambda gy, gs: (fb_matrix.astype(gy.dtype) @ gy.reshape(-1)).astype(gs.dtype)
         return rows, compressed_core(rows, block, readout=readout, feedback=fb)
 
-    def init(params, carry, key=None):
-        return init_state(cell, params, carry, compressed_trace0(unit_rows(cell, params)), key)
-
-    def update(params, state: OnlineState, batch):
-        x0 = jax.tree.map(lambda a: a[0, 0], batch.inputs)
-        if not checked and is_concrete((params, x0)):
-            check_readout(cell, params, readout, x0)
-            checked.append(True)
-        rows, core = parts(params)
-        return online_segment(cell, loss_fn, params, state, batch, core=core, trace0=compressed_trace0(rows),
-                              stateful=stateful)
-
-    return GradientEstimator(init, update)
+    return eligibility_estimator(cell, loss_fn, parts, readout=readout, stateful=stateful)
