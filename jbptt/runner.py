@@ -68,6 +68,14 @@ class Experiment(NamedTuple):
 # Building the pieces.
 
 
+def _optional_module(name: str, key: str, what: str, source):
+    """Imports ``name`` (through sys.modules first, so tests may stand it in) or raises a ConfigError for ``key``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ConfigError(key, f"{what} needs {name}, which this installation does not have", source) from None
+
+
 def _dtype(cfg: Config):
     if cfg.model.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -171,14 +179,7 @@ def build_estimator(cfg: Config, cell: Cell, loss_fn, source: str = "<config>") 
         return None
     options = dict(e.options)
     if cfg.remat.policy != "none":
-        try:
-            remat = importlib.import_module("jbptt.remat")  # (sys.modules first: tests may stand it in)
-        except ImportError:
-            raise ConfigError(
-                "remat.policy",
-                f"policy {cfg.remat.policy!r} needs jbptt.remat, which this installation does not have",
-                source,
-            ) from None
+        remat = _optional_module("jbptt.remat", "remat.policy", f"policy {cfg.remat.policy!r}", source)
         try:
             options["scan"] = remat.scan_from_config({"policy": cfg.remat.policy, **cfg.remat.options})
         except (TypeError, ValueError) as err:
@@ -379,14 +380,7 @@ def _make_loop(exp: Experiment, params, carry, make_batch, source: str, prepare=
             step,
             lambda s: s,
         )
-    try:
-        parallel = importlib.import_module("jbptt.parallel")  # (sys.modules first: tests may stand it in)
-    except ImportError:
-        raise ConfigError(
-            "parallel.mode",
-            f"mode {p.mode!r} needs jbptt.parallel, which this installation does not have",
-            source,
-        ) from None
+    parallel = _optional_module("jbptt.parallel", "parallel.mode", f"mode {p.mode!r}", source)
     try:
         dp = parallel.data_parallel(exp.estimator, exp.optimizer, params, carry, mode=p.mode, devices=p.devices,
                                     **({"prepare": prepare} if prepare is not None else {}))
