@@ -296,10 +296,11 @@ class Progress:
     def __init__(self, total: int, start: int, quiet: bool):
         self.total, self.start, self.quiet = total, start, quiet
         self.t0 = self.last = time.monotonic()
+        self.first = start + 1  # the rate is measured from the first (compiled) step on
 
     def update(self, step: int, loss: float, force: bool = False):
         now = time.monotonic()
-        if step == self.start + 1:  # the rate is measured from the first (compiled) step on
+        if step == self.first:
             self.t0, self.start = now, step
         if self.quiet or (not force and now - self.last < 0.25):
             return

@@ -285,3 +285,16 @@ def test_remat_and_parallel_sections_call_their_modules(tmp_path, monkeypatch):
     summary = train(parse_config(raw), str(tmp_path / "r"))
     assert summary["status"] == "completed" and summary["steps"] == 4
     assert calls == {"remat": {"policy": "every_k", "k": 2}, "scanned": True, "parallel": ("sharded", 1, 8)}
+
+
+def test_progress_bar_measures_a_rate_after_the_first_step(capsys, monkeypatch):
+    from jbptt import runner
+
+    clock = iter([0.0, 10.0, 11.0, 12.0, 13.0])
+    monkeypatch.setattr(runner.time, "monotonic", lambda: next(clock))
+    progress = runner.Progress(total=4, start=0, quiet=False)
+    progress.update(1, 0.5)  # compiles: excluded from the rate
+    progress.update(2, 0.4, force=True)
+    progress.update(3, 0.3, force=True)
+    line = capsys.readouterr().err.split("\r")[-1]
+    assert "1.0 steps/s" in line and "ETA 0:01" in line
