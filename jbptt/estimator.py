@@ -87,4 +87,5 @@ def _import_builtin_estimators():
         importlib.import_module(module)
 
 
-BUILTIN_ESTIMATOR_MODULES = ["jbptt.bptt"]
+BUILTIN_ESTIMATOR_MODULES = ["jbptt.bptt", "jbptt.tbptt", "jbptt.rtrl", "jbptt.snap", "jbptt.uoro", "jbptt.eprop",
+                             "jbptt.rflo", "jbptt.kfrtrl"]

@@ -1,0 +1,198 @@
+"""The ``jbptt`` command line (also ``python -m jbptt``).
+
+    jbptt run CONFIG [key.path=value ...] [--run-dir DIR] [--quiet]
+    jbptt run --resume RUN_DIR [training.steps=N ...] [--quiet]
+    jbptt sample RUN_DIR [--prompt TEXT] [--length N] [--temperature T] [--seed S] [--checkpoint last|best]
+    jbptt plot RUN_DIR [RUN_DIR ...] [--out FILE] [--metric NAME]
+    jbptt compare ...                 (the estimator-comparison harness, :mod:`jbptt.compare`)
+
+Exit codes: 0 success (also early stopping), 1 a run halted on a NaN/Inf or a bad checkpoint, 2 a bad config
+or
+bad arguments (nothing is written), 128 + signal number when SIGINT/SIGTERM stopped a run (after
+checkpointing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+RESUME_OVERRIDABLE = (
+    "training.steps",
+    "training.patience",
+    "training.eval_every",
+    "training.checkpoint_every",
+    "logging.",
+    "parallel.coordinator_address",  # how the processes of a multi-process run are launched
+    "parallel.num_processes",
+    "parallel.process_id",
+)
+
+
+def _err(msg: str, code: int) -> int:
+    print(f"jbptt: {msg}", file=sys.stderr)
+    return code
+
+
+def _run(args) -> int:
+    from jbptt.checkpoint import CheckpointError, atomic_write
+    from jbptt.config import ConfigError, dump_config, load_config
+    from jbptt.runner import STATUS_EXIT_CODES, train
+
+    try:
+        if args.resume:
+            if args.config is not None:
+                args.overrides.insert(0, args.config)
+            bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(RESUME_OVERRIDABLE)]
+            if bad:
+                raise ConfigError(
+                    bad[0].split("=", 1)[0],
+                    f"cannot be changed when resuming (only {', '.join(RESUME_OVERRIDABLE)}* can)",
+                    "<command line>",
+                )
+            path = os.path.join(args.resume, "config.yaml")
+            if not os.path.exists(path):
+                return _err(f"{args.resume} is not a run folder (no config.yaml)", 2)
+            cfg = load_config(path, args.overrides)
+            source = path
+        else:
+            if args.config is None:
+                return _err("run needs a CONFIG file (or --resume RUN_DIR)", 2)
+            cfg = load_config(args.config, args.overrides)
+            source = args.config
+        from jbptt.runner import start_processes
+
+        start_processes(cfg)  # multi-process JAX starts before anything touches a device
+        if args.resume:
+            from jbptt.runner import build
+
+            build(cfg, source)
+            import jax
+
+            if jax.process_index() == 0:  # in a multi-process run only process 0 writes
+                atomic_write(os.path.join(args.resume, "config.yaml"), dump_config(cfg))
+        summary = train(cfg, args.resume or args.run_dir, resume=bool(args.resume), quiet=args.quiet, source=source)
+    except ConfigError as e:
+        return _err(f"config error: {e}", 2)
+    except CheckpointError as e:
+        return _err(f"checkpoint error: {e}", 1)
+    print(_describe(summary))
+    if summary.get("message"):
+        print(summary["message"], file=sys.stderr)
+    if summary["status"] == "interrupted":
+        return 128 + int(summary.get("signal", 15))
+    return STATUS_EXIT_CODES.get(summary["status"], 1)
+
+
+def _describe(summary: dict) -> str:
+    parts = [
+        f"run {summary['run_dir']}: {summary['status']} after {summary['steps']} steps "
+        f"in {summary['wall_time_s']:.1f} s"
+    ]
+    metric = summary.get("metric")
+    final = summary.get("final")
+    if final and metric:
+        parts.append(f"val {metric} {final['val'][metric]:.4g}, test {metric} {final['test'][metric]:.4g}")
+    return "; ".join(parts)
+
+
+def _sample(args) -> int:
+    import jax
+
+    from jbptt.checkpoint import CheckpointError
+    from jbptt.config import ConfigError
+    from jbptt.runner import load_run
+    from jbptt.sampling import generate
+    from jbptt.tasks import text
+
+    if args.length < 1 or args.temperature <= 0:
+        return _err("--length must be >= 1 and --temperature > 0", 2)
+    try:
+        cfg, exp, state = load_run(args.run_dir, args.checkpoint)
+    except ConfigError as e:
+        return _err(f"config error: {e}", 2)
+    except CheckpointError as e:
+        return _err(f"checkpoint error: {e}", 1)
+    if "vocab" not in exp.task.info:
+        return _err(f"sample needs a character-level model; this run's task is {cfg.task.name!r}", 2)
+    params = state if args.checkpoint == "best" else state.params
+    prompt = args.prompt or "\n"
+    ids = generate(
+        exp.cell,
+        params,
+        text.encode(prompt),
+        args.length,
+        jax.random.key(args.seed),
+        vocab_size=len(text.VOCAB),
+        temperature=args.temperature,
+    )
+    print(prompt + text.decode(ids))
+    return 0
+
+
+def _plot(args) -> int:
+    from jbptt import plots
+
+    for d in args.run_dirs:
+        if not os.path.exists(os.path.join(d, "metrics.jsonl")):
+            return _err(f"{d} is not a run folder (no metrics.jsonl)", 2)
+    out = args.out or (os.path.join(args.run_dirs[0], "curves.png") if len(args.run_dirs) == 1 else "runs.png")
+    plots.plot_runs(args.run_dirs, out, metric=args.metric)
+    written = [out]
+    if len(args.run_dirs) == 1:
+        flow = plots.plot_gradient_flow(args.run_dirs[0], os.path.join(args.run_dirs[0], "gradient_flow.png"))
+        written += [flow] if flow else []
+    print("\n".join(written))
+    return 0
+
+
+def _compare(argv) -> int:
+    try:
+        compare = importlib.import_module("jbptt.compare")
+    except ImportError as e:
+        if getattr(e, "name", None) == "jbptt.compare":
+            return _err("the compare subcommand needs jbptt.compare, which this installation does not have", 2)
+        raise
+    return compare.main(argv) or 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jbptt", description="Train and study RNNs with BPTT and its alternatives.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train from a YAML config (or resume a run)")
+    r.add_argument("config", nargs="?", help="YAML config file")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=3e-4 model.hidden=128")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    r.add_argument("--run-dir", help="run folder (default: <logging.root>/<name>-<timestamp>)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    s = sub.add_parser("sample", help="generate text from a character-level run")
+    s.add_argument("run_dir")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--length", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    pl = sub.add_parser("plot", help="overlay the curves of one or more runs")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png for one run, runs.png for several)")
+    pl.add_argument("--metric", help="validation metric to plot (default: each run's headline metric)")
+    sub.add_parser("compare", help="compare gradient estimators (jbptt.compare)", add_help=False)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``jbptt`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        return _compare(argv[1:])
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad arguments, 0 for --help
+        return int(e.code or 0)
+    return {"run": _run, "sample": _sample, "plot": _plot}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

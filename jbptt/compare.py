@@ -1,0 +1,661 @@
+"""The estimator comparison: gradient agreement, cost scaling and learning curves of BPTT and its alternatives.
+
+``jbptt compare CONFIG [key.path=value ...] [--out DIR] [--only agreement,scaling,training]`` (or
+``python experiments/compare_bptt_rtrl.py CONFIG``) runs every chosen estimator on the same batches and writes to
+the output folder:
+
+- ``report.json`` (everything measured), ``report.md`` (tables);
+- ``agreement.png`` (relative error and cosine to BPTT), ``alignment_matrix.png`` (estimator-by-estimator cosine,
+  as in Marschall, Cho & Savin 2020), ``alignment_training.png`` (cosine to BPTT along each estimator's training);
+- ``scaling_<series>.png`` (wall time per update and XLA temp memory against ``T`` or ``n`` on log-log axes, with
+  fitted exponents);
+- ``learning_curves.png`` (validation loss against iterations and against wall time).
+
+A config (YAML, see ``configs/compare_small.yaml``)::
+
+    task: {name: delayed_recall, options: {length: 20, lag: 3}}      # any jbptt.tasks task
+    model: {cell: elman, hidden: 16, dtype: float64}                   # as in jbptt.config
+    optimizer: {name: adam, lr: 0.01}
+    estimators: [bptt, rtrl, snap1, {name: rflo, label: rflo_fa, options: {feedback: random}}]
+    agreement: {batch_size: 8, batches: 2}
+    training: {steps: 100, batch_size: 16, online_chunk: 5, eval_every: 10, align_every: 25}
+    scaling: {batch_size: 4, repeats: 3, series: [{cell: elman, vary: n, values: [4, 8, 16], T: 20,
+                                                   estimators: [bptt, rtrl]}]}
+    seed: 0
+    out_dir: runs/compare_small
+
+Online estimators (everything but ``bptt``/``tbptt``) are trained with an optimizer update every ``online_chunk``
+steps, their state (carry and influence) carried between the chunks of a sequence; BPTT updates once per sequence.
+Agreement is always measured on whole sequences from the initial carry. Timings are medians of ``repeats`` calls of
+the compiled update; memory is ``compile().memory_analysis().temp_size_in_bytes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from jbptt import losses
+from jbptt.cells import CELLS, with_readout
+from jbptt.checkpoint import atomic_write
+from jbptt.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    OptimizerConfig,
+    TaskConfig,
+    TrainingConfig,
+    _parse_section,
+    apply_overrides,
+)
+from jbptt.diagnostics import cosine_similarity, relative_error
+from jbptt.estimator import Batch, make_estimator
+from jbptt.online import split_segment
+from jbptt.train import TrainState, make_train_step
+from jbptt.unroll import unroll
+
+OFFLINE = ("bptt", "tbptt")
+STATEFUL_ONLINE = ("rtrl", "snap", "snap1", "snap2", "uoro", "kfrtrl", "eprop", "rflo")
+
+
+def _online_options(spec) -> dict:
+    """jbptt's online estimators run ``stateful`` here: the harness re-initialises the state at every new batch
+    of sequences and carries it between the chunks of one sequence."""
+    return {"stateful": True, **spec.options} if spec.name in STATEFUL_ONLINE else dict(spec.options)
+SECTIONS = ("agreement", "scaling", "training")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config.
+
+
+@dataclass
+class EstimatorSpec:
+    """A registered estimator ``name`` with ``options``, shown as ``label`` (default: the name)."""
+
+    name: str
+    label: str | None = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class AgreementConfig:
+    """Gradient agreement at the initial parameters, averaged over ``batches`` batches of ``batch_size``."""
+
+    batch_size: int = 8
+    batches: int = 2
+
+
+@dataclass
+class CompareTrainingConfig:
+    """Learning curves: ``steps`` iterations (one batch of sequences each), an optimizer update every
+    ``online_chunk`` steps for online estimators (``None``: once per sequence), validation loss every
+    ``eval_every`` iterations and the cosine to BPTT along training every ``align_every`` iterations."""
+
+    steps: int = 200
+    batch_size: int = 16
+    online_chunk: int | None = None
+    eval_every: int = 20
+    eval_batch_size: int = 256
+    align_every: int = 50
+
+
+@dataclass
+class ScalingSeries:
+    """One cost curve: ``cell`` with ``hidden`` units over sequences of ``T`` steps, varying ``vary`` (``"T"`` or
+    ``"n"``) over ``values``, for each of ``estimators`` (random regression data, ``input_size`` inputs)."""
+
+    cell: str
+    vary: str
+    values: list = field(default_factory=list)
+    estimators: list = field(default_factory=list)
+    hidden: int = 16
+    T: int = 20
+    input_size: int = 4
+    output_size: int = 2
+    options: dict = field(default_factory=dict)
+    name: str | None = None
+
+
+@dataclass
+class ScalingConfig:
+    batch_size: int = 4
+    repeats: int = 3
+    dtype: str = "float32"
+    series: list = field(default_factory=list)
+
+
+@dataclass
+class CompareConfig:
+    task: TaskConfig
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    estimators: list
+    agreement: AgreementConfig
+    training: CompareTrainingConfig
+    scaling: ScalingConfig | None
+    seed: int = 0
+    out_dir: str = "runs/compare"
+
+
+def _estimator_specs(raw, path: str, source: str) -> list[EstimatorSpec]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(path, f"expected a non-empty list of estimators, got {raw!r}", source)
+    specs = []
+    for i, item in enumerate(raw):
+        spec = EstimatorSpec(item) if isinstance(item, str) else _parse_section(EstimatorSpec, item, f"{path}[{i}]",
+                                                                               source)
+        spec.label = spec.label or spec.name
+        specs.append(spec)
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(path, f"estimator labels must be unique, got {labels}", source)
+    return specs
+
+
+def parse_compare_config(raw, source: str = "<config>") -> CompareConfig:
+    """A :class:`CompareConfig` from a raw dict; every problem raises one :class:`~jbptt.config.ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"the file must hold a mapping, got {type(raw).__name__}", source)
+    known = {f.name for f in dataclasses.fields(CompareConfig)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(str(key), f"unknown key; the top level accepts {sorted(known)}", source)
+    if "task" not in raw:
+        raise ConfigError("task", "required field is missing", source)
+    scaling = None
+    if raw.get("scaling") is not None:
+        s = dict(raw["scaling"])
+        series_raw = s.pop("series", [])
+        scaling = _parse_section(ScalingConfig, s, "scaling", source)
+        if not isinstance(series_raw, list):
+            raise ConfigError("scaling.series", "expected a list", source)
+        for i, item in enumerate(series_raw):
+            path = f"scaling.series[{i}]"
+            item = dict(item or {})
+            ests = item.pop("estimators", None)
+            vals = item.pop("values", None)
+            ser = _parse_section(ScalingSeries, item, path, source)
+            if ser.vary not in ("T", "n"):
+                raise ConfigError(f"{path}.vary", f"must be 'T' or 'n', got {ser.vary!r}", source)
+            if ser.cell not in CELLS:
+                raise ConfigError(f"{path}.cell", f"unknown cell {ser.cell!r}; choose from {sorted(CELLS)}", source)
+            if not isinstance(vals, list) or len(vals) < 2 or not all(isinstance(v, int) and v > 0 for v in vals):
+                raise ConfigError(f"{path}.values", f"expected at least two positive ints, got {vals!r}", source)
+            ser.values, ser.estimators = vals, _estimator_specs(ests, f"{path}.estimators", source)
+            ser.name = ser.name or f"{ser.cell}_{ser.vary}"
+            scaling.series.append(ser)
+    cfg = CompareConfig(
+        task=_parse_section(TaskConfig, raw["task"], "task", source),
+        model=_parse_section(ModelConfig, raw.get("model"), "model", source),
+        optimizer=_parse_section(OptimizerConfig, raw.get("optimizer"), "optimizer", source),
+        estimators=_estimator_specs(raw.get("estimators", ["bptt", "rtrl"]), "estimators", source),
+        agreement=_parse_section(AgreementConfig, raw.get("agreement"), "agreement", source),
+        training=_parse_section(CompareTrainingConfig, raw.get("training"), "training", source),
+        scaling=scaling,
+        seed=raw.get("seed", 0),
+        out_dir=raw.get("out_dir", "runs/compare"))
+    if "bptt" not in [s.name for s in cfg.estimators]:
+        raise ConfigError("estimators", "must include bptt (the reference)", source)
+    chunk = cfg.training.online_chunk
+    if chunk is not None and chunk < 1:
+        raise ConfigError("training.online_chunk", f"must be >= 1, got {chunk}", source)
+    return cfg
+
+
+def load_compare_config(path: str, overrides=()) -> CompareConfig:
+    """Reads a comparison YAML config and applies dotted overrides (``training.steps=10``)."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError("", "file not found", path) from None
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"invalid YAML: {e}", path) from None
+    return parse_compare_config(apply_overrides(raw, overrides, path), path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements.
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(tree)])
+
+
+def _experiment(cfg: CompareConfig):
+    from jbptt.runner import build_cell, build_optimizer
+    from jbptt.tasks import make_task
+
+    base = Config(task=cfg.task, model=cfg.model, optimizer=cfg.optimizer,
+                  training=TrainingConfig(steps=cfg.training.steps), seed=cfg.seed)
+    task = make_task(cfg.task.name, dtype=cfg.model.dtype, **cfg.task.options)
+    cell = build_cell(base, task.output_size)
+    params = cell.init(jax.random.key(cfg.seed), task.input_size)
+    optimizer, _ = build_optimizer(base, params)
+    return task, cell, params, optimizer, losses.get_loss(task.loss)
+
+
+def _fresh_gradient(est, cell):
+    """Jitted ``(params, batch) -> grads`` of ``est`` from a fresh state (whole sequence, initial carry)."""
+
+    def grad(params, batch, key):
+        carry = cell.initial_carry(params, (jax.tree.leaves(batch.inputs)[0].shape[0],))
+        try:
+            state = est.init(params, carry, key)
+        except TypeError:
+            state = est.init(params, carry)
+        return est.update(params, state, batch)[1]
+
+    return jax.jit(grad)
+
+
+def gradient_agreement(cfg: CompareConfig, task, params, fns) -> dict:
+    """Relative error and cosine to BPTT, and the pairwise cosine matrix, averaged over the agreement batches.
+
+    ``fns``: per label, the jitted ``(params, batch, key) -> grads`` of :func:`_fresh_gradient`."""
+    labels = [s.label for s in cfg.estimators]
+    ref = next(s.label for s in cfg.estimators if s.name == "bptt")
+    rel = {lab: [] for lab in labels}
+    cos = {lab: [] for lab in labels}
+    matrix = np.zeros((len(labels), len(labels)))
+    for b in range(cfg.agreement.batches):
+        key = jax.random.fold_in(jax.random.key(cfg.seed + 1), b)
+        batch = task.sample(key, cfg.agreement.batch_size, "train")
+        grads = {lab: fns[lab](params, batch, key) for lab in labels}
+        for lab in labels:
+            rel[lab].append(float(relative_error(grads[lab], grads[ref])))
+            cos[lab].append(float(cosine_similarity(grads[lab], grads[ref])))
+        flat = np.stack([_flat(grads[lab]) for lab in labels])
+        unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+        matrix += unit @ unit.T / cfg.agreement.batches
+    return {"labels": labels, "reference": ref,
+            "relative_error": {lab: float(np.mean(v)) for lab, v in rel.items()},
+            "cosine": {lab: float(np.mean(v)) for lab, v in cos.items()},
+            "alignment_matrix": matrix.tolist()}
+
+
+def _block(tree):
+    return jax.block_until_ready(tree)
+
+
+def learning_curves(cfg: CompareConfig, task, cell, params0, loss_fn, optimizer, estimators, fns) -> dict:
+    """Trains each estimator from the same parameters on the same batches; returns curves per label.
+
+    ``fns``: per label, the jitted fresh-state gradient (for the cosine to BPTT along training)."""
+    tc = cfg.training
+    data_key = jax.random.key(cfg.seed + 2)
+    val = task.sample(jax.random.key(cfg.seed + 3), tc.eval_batch_size, "val")
+    align_batch = task.sample(jax.random.key(cfg.seed + 4), cfg.agreement.batch_size, "val")
+
+    @jax.jit
+    def evaluate(params):
+        _, ys = unroll(cell, params, val.inputs, seq_lengths=val.seq_lengths, resets=val.resets)
+        m = dict(task.metrics(ys, val))
+        m["loss"] = losses.sequence_loss(loss_fn, ys, val.targets, val.weights(ys.dtype))
+        return m
+
+    ref_grad = fns[next(s.label for s in cfg.estimators if s.name == "bptt")]
+    out = {}
+    for spec in cfg.estimators:
+        est = estimators[spec.label]
+        online = spec.name not in OFFLINE and tc.online_chunk is not None
+        step = jax.jit(make_train_step(est, optimizer))
+        grad_fn = fns[spec.label]
+
+        def segments(batch, online=online):
+            return split_segment(batch, tc.online_chunk) if online else [batch]
+
+        init_est = jax.jit(lambda p, est=est: est.init(p, cell.initial_carry(p, (tc.batch_size,))))
+
+        def fresh_state(params, opt_state, step_count, init_est=init_est):
+            return TrainState(params, opt_state, init_est(params), step_count)
+
+        # compile outside the timed loop
+        warm = fresh_state(params0, optimizer.init(params0), jnp.zeros((), jnp.int32))
+        for seg in segments(task.sample(data_key, tc.batch_size, "train")):
+            _block(step(warm, seg))
+        params, opt_state, count = params0, optimizer.init(params0), jnp.zeros((), jnp.int32)
+        curve = {"iteration": [], "updates": [], "wall_time": [], "loss": [], "metric": [],
+                 "align_iteration": [], "align_cosine": [], "align_relative_error": []}
+        elapsed, updates = 0.0, 0
+        for it in range(tc.steps + 1):
+            if it % tc.eval_every == 0 or it == tc.steps:
+                m = jax.device_get(evaluate(params))
+                curve["iteration"].append(it)
+                curve["updates"].append(updates)
+                curve["wall_time"].append(elapsed)
+                curve["loss"].append(float(m["loss"]))
+                curve["metric"].append(float(m.get(task.metric, np.nan)))
+            if it % tc.align_every == 0 or it == tc.steps:
+                key = jax.random.fold_in(jax.random.key(cfg.seed + 5), it)
+                g, g_ref = grad_fn(params, align_batch, key), ref_grad(params, align_batch, key)
+                curve["align_iteration"].append(it)
+                curve["align_cosine"].append(float(cosine_similarity(g, g_ref)))
+                curve["align_relative_error"].append(float(relative_error(g, g_ref)))
+            if it == tc.steps:
+                break
+            batch = task.sample(jax.random.fold_in(data_key, it), tc.batch_size, "train")
+            state = fresh_state(params, opt_state, count)
+            t0 = time.perf_counter()
+            for seg in segments(batch):
+                state, _ = step(state, seg)
+                updates += 1
+            _block(state.params)
+            elapsed += time.perf_counter() - t0
+            params, opt_state, count = state.params, state.opt_state, state.step
+        curve["online_chunk"] = tc.online_chunk if online else None
+        out[spec.label] = curve
+    return {"metric": task.metric, "curves": out}
+
+
+def fit_exponent(xs, ys) -> float | None:
+    """Least-squares slope of ``log y`` against ``log x`` (``None`` with fewer than two positive points)."""
+    pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None and y > 0]
+    if len(pts) < 2:
+        return None
+    lx, ly = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def _exponents(xs, ys) -> dict:
+    """Exponent over all points and over the larger half (less dominated by fixed overheads; >= 3 points where
+    there are that many)."""
+    start = max(0, min(len(xs) // 2, len(xs) - 3))
+    return {"all": fit_exponent(xs, ys), "upper_half": fit_exponent(xs[start:], ys[start:])}
+
+
+def measure_point(cell, spec: EstimatorSpec, *, B: int, T: int, input_size: int, dtype, repeats: int,
+                  seed: int = 0) -> dict:
+    """Median wall time of the compiled update and its XLA temp memory for one estimator at one size."""
+    est = make_estimator(spec.name, cell, losses.mse, **spec.options)
+    params = cell.init(jax.random.key(seed), input_size)
+    kx, ky = jax.random.split(jax.random.key(seed + 1))
+    batch = Batch(jax.random.normal(kx, (B, T, input_size), dtype),
+                  jax.random.normal(ky, (B, T, cell.output_size), dtype))
+    state = est.init(params, cell.initial_carry(params, (B,)))
+    t0 = time.perf_counter()
+    compiled = jax.jit(est.update).lower(params, state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    temp = int(mem.temp_size_in_bytes) if mem is not None else None
+    t0 = time.perf_counter()
+    _block(compiled(params, state, batch))
+    calls = int(min(200, max(1, np.ceil(0.05 / max(time.perf_counter() - t0, 1e-6)))))  # >= ~50 ms a repeat
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            res = compiled(params, state, batch)
+        _block(res)
+        times.append((time.perf_counter() - t0) / calls)
+    med = statistics.median(times)
+    return {"time_s": med, "time_per_step_s": med / T, "temp_bytes": temp, "compile_s": compile_s}
+
+
+def cost_scaling(cfg: CompareConfig, log=print) -> dict:
+    """Every scaling series: per estimator, time and memory at each value, and fitted log-log exponents."""
+    sc = cfg.scaling
+    dtype = jnp.float64 if sc.dtype == "float64" else jnp.float32
+    out = {}
+    for ser in sc.series:
+        res = {"vary": ser.vary, "values": ser.values, "cell": ser.cell, "fixed": {}, "estimators": {}}
+        res["fixed"] = {"T": ser.T} if ser.vary == "n" else {"n": ser.hidden}
+        for spec in ser.estimators:
+            points, skipped = [], None
+            for v in ser.values:
+                n, T = (v, ser.T) if ser.vary == "n" else (ser.hidden, v)
+                cell = with_readout(CELLS[ser.cell](n, dtype=dtype, **ser.options), ser.output_size)
+                try:
+                    p = measure_point(cell, spec, B=sc.batch_size, T=T, input_size=ser.input_size, dtype=dtype,
+                                      repeats=sc.repeats, seed=cfg.seed)
+                except ValueError as e:  # e.g. the influence-size guard or a cell the estimator does not support
+                    skipped = f"{ser.vary}={v}: {e}"
+                    break
+                points.append({"value": v, **p})
+                log(f"  scaling {ser.name} {spec.label} {ser.vary}={v}: {p['time_s'] * 1e3:.2f} ms, "
+                    f"temp {p['temp_bytes']} B")
+            xs = [p["value"] for p in points]
+            res["estimators"][spec.label] = {
+                "points": points, "skipped": skipped,
+                "time_exponent": _exponents(xs, [p["time_s"] for p in points]),
+                "memory_exponent": _exponents(xs, [p["temp_bytes"] for p in points])}
+        out[ser.name] = res
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report.
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str):
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write(path, buf.getvalue())
+    _pyplot().close(fig)
+    return path
+
+
+def plot_agreement(agreement: dict, out_dir: str) -> list[str]:
+    plt = _pyplot()
+    labels = agreement["labels"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    rel = [max(agreement["relative_error"][lab], 1e-17) for lab in labels]
+    axes[0].bar(labels, rel)
+    axes[0].set_yscale("log")
+    axes[0].set_title("relative error to BPTT")
+    axes[1].bar(labels, [agreement["cosine"][lab] for lab in labels])
+    axes[1].set_ylim(-1, 1.05)
+    axes[1].set_title("cosine to BPTT")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=45)
+    paths = [_save(fig, os.path.join(out_dir, "agreement.png"))]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(labels), 0.8 + 0.6 * len(labels)))
+    m = np.asarray(agreement["alignment_matrix"])
+    im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(labels)), labels, rotation=45)
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="cosine")
+    ax.set_title("gradient alignment")
+    paths.append(_save(fig, os.path.join(out_dir, "alignment_matrix.png")))
+    return paths
+
+
+def plot_training(training: dict, out_dir: str) -> list[str]:
+    plt = _pyplot()
+    curves = training["curves"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for lab, c in curves.items():
+        axes[0].plot(c["iteration"], c["loss"], label=lab)
+        axes[1].plot(np.asarray(c["wall_time"]) + 1e-3, c["loss"], label=lab)
+    axes[0].set_xlabel("iteration (batches of sequences)")
+    axes[1].set_xlabel("training wall time [s]")
+    axes[1].set_xscale("log")
+    for ax in axes:
+        ax.set_ylabel("validation loss")
+        ax.legend(fontsize=8)
+    paths = [_save(fig, os.path.join(out_dir, "learning_curves.png"))]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for lab, c in curves.items():
+        ax.plot(c["align_iteration"], c["align_cosine"], marker="o", label=lab)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cosine to BPTT at the current parameters")
+    ax.set_ylim(-1, 1.05)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, os.path.join(out_dir, "alignment_training.png")))
+    return paths
+
+
+def plot_scaling(scaling: dict, out_dir: str) -> list[str]:
+    plt = _pyplot()
+    paths = []
+    for name, res in scaling.items():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for lab, r in res["estimators"].items():
+            xs = [p["value"] for p in r["points"]]
+            if not xs:
+                continue
+            te, me = r["time_exponent"]["upper_half"], r["memory_exponent"]["upper_half"]
+            axes[0].plot(xs, [p["time_s"] for p in r["points"]], marker="o",
+                         label=f"{lab} (slope {te:.2f})" if te is not None else lab)
+            mem = [p["temp_bytes"] or np.nan for p in r["points"]]
+            axes[1].plot(xs, mem, marker="o", label=f"{lab} (slope {me:.2f})" if me is not None else lab)
+        axes[0].set_ylabel("wall time per update [s]")
+        axes[1].set_ylabel("XLA temp memory [bytes]")
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(res["vary"])
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{res['cell']}: cost against {res['vary']} ({res['fixed']})")
+        paths.append(_save(fig, os.path.join(out_dir, f"scaling_{name}.png")))
+    return paths
+
+
+def _fmt(x, spec=".3g"):
+    return "—" if x is None else format(x, spec)
+
+
+def markdown(report: dict) -> str:
+    """The report's tables as Markdown."""
+    lines = [f"# Estimator comparison: {report['config_file']}", "",
+             f"Machine: {report['machine']['platform']}, {report['machine']['devices']}; jax "
+             f"{report['machine']['jax']}. Times are medians on a possibly shared machine.", ""]
+    ag = report.get("agreement")
+    if ag:
+        labels = ag["labels"]
+        lines += ["## Gradient agreement with BPTT (initial parameters)", "",
+                  "| estimator | relative error | cosine |", "| --- | --- | --- |"]
+        lines += [f"| {lab} | {ag['relative_error'][lab]:.3g} | {ag['cosine'][lab]:.4f} |" for lab in labels]
+        lines += ["", "### Alignment matrix (cosine between estimators)", "",
+                  "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for lab, row in zip(labels, ag["alignment_matrix"], strict=True):
+            lines.append(f"| {lab} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        lines.append("")
+    sc = report.get("scaling")
+    if sc:
+        lines += ["## Cost scaling (fitted log-log exponents: all points / larger half)", "",
+                  "| series | estimator | time exponent | memory exponent | time at largest | temp memory at largest |"
+                  " note |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, res in sc.items():
+            for lab, r in res["estimators"].items():
+                last = r["points"][-1] if r["points"] else {}
+                te, me = r["time_exponent"], r["memory_exponent"]
+                lines.append(
+                    f"| {name} | {lab} | {_fmt(te['all'], '.2f')} / {_fmt(te['upper_half'], '.2f')} | "
+                    f"{_fmt(me['all'], '.2f')} / {_fmt(me['upper_half'], '.2f')} | "
+                    f"{_fmt(last.get('time_s'))} s | {_fmt(last.get('temp_bytes'), ',')} B | "
+                    f"{(r['skipped'] or '')[:80]} |")
+        lines.append("")
+    tr = report.get("training")
+    if tr:
+        lines += ["## Learning curves (final validation loss and metric)", "",
+                  f"| estimator | updates | train wall time [s] | final loss | final {tr['metric']} |"
+                  " mean cosine to BPTT along training |", "| --- | --- | --- | --- | --- | --- |"]
+        for lab, c in tr["curves"].items():
+            lines.append(f"| {lab} | {c['updates'][-1]} | {c['wall_time'][-1]:.2f} | {c['loss'][-1]:.4f} | "
+                         f"{c['metric'][-1]:.4f} | {np.mean(c['align_cosine']):.3f} |")
+        lines.append("")
+    lines += ["Plots: " + ", ".join(os.path.basename(p) for p in report.get("plots", [])), ""]
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    return {"platform": platform.platform(), "python": sys.version.split()[0], "jax": jax.__version__,
+            "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count()}
+
+
+def run(cfg: CompareConfig, *, config_file: str = "<config>", out_dir: str | None = None,
+        only=SECTIONS, log=print) -> dict:
+    """Runs the comparison and writes the report files; returns the report dict."""
+    out_dir = out_dir or cfg.out_dir
+    if cfg.model.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    report = {"config_file": config_file, "config": dataclasses.asdict(cfg), "machine": machine_info(), "plots": []}
+    plots = report["plots"]
+
+    def write():  # after every section, so a run cut short still leaves what it measured
+        atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1, default=str))
+        atomic_write(os.path.join(out_dir, "report.md"), markdown(report))
+
+    if "agreement" in only or "training" in only:
+        task, cell, params, optimizer, loss_fn = _experiment(cfg)
+        estimators = {s.label: make_estimator(s.name, cell, loss_fn, **_online_options(s)) for s in cfg.estimators}
+        fns = {label: _fresh_gradient(est, cell) for label, est in estimators.items()}
+    if "agreement" in only:
+        t0 = time.perf_counter()
+        report["agreement"] = gradient_agreement(cfg, task, params, fns)
+        log(f"agreement ({time.perf_counter() - t0:.1f} s): " + ", ".join(
+            f"{k} {v:.2g}" for k, v in report["agreement"]["relative_error"].items()))
+        plots += plot_agreement(report["agreement"], out_dir)
+        write()
+    if "scaling" in only and cfg.scaling is not None and cfg.scaling.series:
+        t0 = time.perf_counter()
+        report["scaling"] = cost_scaling(cfg, log)
+        log(f"scaling ({time.perf_counter() - t0:.1f} s)")
+        plots += plot_scaling(report["scaling"], out_dir)
+        write()
+    if "training" in only:
+        t0 = time.perf_counter()
+        report["training"] = learning_curves(cfg, task, cell, params, loss_fn, optimizer, estimators, fns)
+        log(f"training ({time.perf_counter() - t0:.1f} s): " + ", ".join(
+            f"{k} {c['loss'][-1]:.3f}" for k, c in report["training"]["curves"].items()))
+        plots += plot_training(report["training"], out_dir)
+        write()
+    write()
+    return report
+
+
+def main(argv=None) -> int:
+    """``jbptt compare CONFIG [overrides] [--out DIR] [--only ...]``; returns the exit code."""
+    p = argparse.ArgumentParser(prog="jbptt compare", description="Compare BPTT, RTRL and approximations.")
+    p.add_argument("config", help="comparison YAML config (e.g. configs/compare_small.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.steps=20")
+    p.add_argument("--out", help="output folder (default: the config's out_dir)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    try:
+        args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    only = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        print(f"jbptt compare: --only accepts {', '.join(SECTIONS)}; got {', '.join(bad)}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_compare_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"jbptt compare: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    report = run(cfg, config_file=args.config, out_dir=args.out, only=only)
+    out = args.out or cfg.out_dir
+    print(f"wrote {os.path.join(out, 'report.md')} and {len(report['plots'])} plots "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return 0

@@ -1,0 +1,57 @@
+"""RFLO, random-feedback local online learning (Murray 2019), for Elman cells.
+
+For the leaky rate network ``h_t = (1 - a) h_{t-1} + a tanh(u_t)`` the eligibility trace keeps only the leak:
+``p_t = (1 - a) p_{t-1} + a tanh'(u_t) [x_t, h_{t-1}, 1]`` (here: ``p_t = (1 - leak) p_{t-1} + M_t``, with ``M_t``
+the immediate influence of the step), and the learning signal is the output error sent back through a fixed
+random matrix ``B`` instead of the readout's transpose: ``L_t = B (dl_t/dy_t)``. The readout's own weights get
+their exact immediate gradient. The foundation's :func:`jbptt.cells.elman` has no leak, so ``leak=1`` (the
+default) matches it; with ``feedback="symmetric"`` the true ``dl/dh`` is used (then RFLO equals e-prop for Elman).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jbptt.cells import Cell
+from jbptt.eprop import eligibility_estimator, hidden_readout
+from jbptt.estimator import GradientEstimator, register_estimator
+from jbptt.losses import LossFn
+from jbptt.online import (
+    compressed_core,
+    unit_rows,
+)
+
+__all__ = ["rflo"]
+
+
+@register_estimator("rflo")
+def rflo(cell: Cell, loss_fn: LossFn, *, leak: float = 1.0, feedback: str = "random", feedback_seed: int = 0,
+         readout=hidden_readout, stateful: bool = False) -> GradientEstimator:
+    """RFLO as a :class:`GradientEstimator`.
+
+    Args:
+      leak: ``a`` in ``(0, 1]``; the eligibility decays by ``1 - a`` per step.
+      feedback: ``"random"`` (fixed ``B [n, O]`` with entries ``N(0, 1/O)`` from ``feedback_seed``) or
+        ``"symmetric"`` (the exact ``dl/dh``).
+
+    Returns:
+      A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState` (eligibility ``[B, R, n]``).
+    """
+    if not 0.0 < leak <= 1.0:
+        raise ValueError(f"rflo: leak must be in (0, 1], got {leak}")
+    if feedback not in ("random", "symmetric"):
+        raise ValueError(f"rflo: feedback must be 'random' or 'symmetric', got {feedback!r}")
+    def parts(params):
+        rows = unit_rows(cell, params)
+        block = lambda blocks, *_: (1.0 - leak) * jnp.broadcast_to(jnp.eye(rows.C, dtype=blocks.dtype), blocks.shape)
+        fb = None
+        if feedback == "random":
+            n, O = rows.C * rows.N, cell.output_size
+            fb_matrix = jax.random.normal(jax.random.key(feedback_seed), (n, O)) / jnp.sqrt(O)
+            # only the first component (h) reads out; the rest of the learning signal is zero
+            fb_matrix = fb_matrix * (jnp.arange(n) < rows.N)[:, None]
+            fb = lambda gy, gs: (fb_matrix.astype(gy.dtype) @ gy.reshape(-1)).astype(gs.dtype)
+        return rows, compressed_core(rows, block, readout=readout, feedback=fb)
+
+    return eligibility_estimator(cell, loss_fn, parts, readout=readout, stateful=stateful)

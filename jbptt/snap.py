@@ -1,0 +1,116 @@
+"""SnAp-n (Menick et al. 2020): the influence matrix restricted to the sparsity pattern of the n-step Jacobian.
+
+``J_t = (D_t J_{t-1} + M_t) ⊙ pattern_n`` where ``M_t = ds_t/dtheta`` (immediate influence), ``D_t = ds_t/ds_{t-1}``
+and ``pattern_n`` marks the entries of ``J`` that are non-zero after ``n`` steps: ``bool(sum_{k<n} |D|^k |M|)``.
+
+- ``snap1``: stored compressed, one row per parameter row that drives unit ``j`` (``[R, n]``, memory O(P)), with
+  ``D`` reduced to its per-unit blocks (``[N, C, C]``; LSTM keeps the ``(h, c)`` block of each unit). It equals
+  exact RTRL on element-wise cells (diagonal linear / LRU, IndRNN). Needs a carry of ``C`` leaves of shape ``[N]``.
+- ``snap2`` / ``snap`` with ``n``: stored as a masked dense ``[P, n]`` influence (same cost as dense RTRL; the
+  pattern is what is being studied). The pattern is measured on a random perturbation of the segment's first step.
+  For a fully dense Elman cell SnAp-2 is exact RTRL.
+
+The gradient of step ``t`` contracts the loss cotangent of the carry entering the step with the sparse ``J_{t-1}``
+(plus the exact immediate term), i.e. the last step before each loss is propagated exactly, as for every estimator
+built on :func:`jbptt.online.compressed_core` without a ``readout``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jbptt.cells import Cell
+from jbptt.estimator import GradientEstimator, register_estimator
+from jbptt.losses import LossFn
+from jbptt.online import (
+    FlatStep,
+    OnlineState,
+    compressed_core,
+    compressed_trace0,
+    flat_step,
+    init_state,
+    online_segment,
+    unit_rows,
+)
+from jbptt.rtrl import check_influence_size, dense_core, dense_trace0, influence_bytes
+
+__all__ = ["snap", "snap1", "snap2", "snap_pattern"]
+
+
+def snap_pattern(fs: FlatStep, theta, x, n_steps: int, key):
+    """The SnAp-n pattern ``[P, n]`` (booleans) measured at a random perturbation of ``(theta, s, x)``.
+
+    Args:
+      fs: the flat view of the cell; ``x``: one example's input; ``key``: PRNG key for the perturbation.
+    """
+    k1, k2, k3 = jax.random.split(key, 3)
+    th = theta + 0.1 * jax.random.normal(k1, theta.shape, theta.dtype)
+    s = jax.random.normal(k2, (fs.n,), theta.dtype)
+    x = jax.tree.map(lambda a: a + jax.random.normal(k3, jnp.shape(a), a.dtype)
+                     if jnp.issubdtype(a.dtype, jnp.floating) else a, x)
+    M, D = jax.jacfwd(lambda t, ss: fs.step(t, ss, x)[0], argnums=(0, 1))(th, s)
+    a = (jnp.abs(M) > 0).astype(theta.dtype)
+    d = (jnp.abs(D) > 0).astype(theta.dtype)
+    acc = a
+    for _ in range(n_steps - 1):
+        a = jnp.minimum(d @ a, 1.0)
+        acc = acc + a
+    return (acc > 0).T
+
+
+@register_estimator("snap")
+def snap(cell: Cell, loss_fn: LossFn, *, n: int = 2, stateful: bool = False,
+         max_influence_bytes: int | None = 2 << 30) -> GradientEstimator:
+    """SnAp-n with a masked dense influence ``[B, P, n]`` (see the module docstring).
+
+    Returns:
+      A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState`. Safe under ``jit``.
+    """
+    if n < 1:
+        raise ValueError(f"snap: n must be >= 1, got {n}")
+
+    def check(params, B):
+        check_influence_size(influence_bytes(cell, params, B), max_influence_bytes, f"SnAp-{n} masked dense, batch {B}")
+
+    def init(params, carry, key=None):
+        check(params, jax.tree_util.tree_leaves(carry)[0].shape[0])
+        return init_state(cell, params, carry, dense_trace0, key)
+
+    def update(params, state: OnlineState, batch):
+        check(params, jax.tree_util.tree_leaves(state.carry)[0].shape[0])
+
+        fs = flat_step(cell, params)
+        x0 = jax.tree.map(lambda a: a[0, 0], batch.inputs)
+        mask = snap_pattern(fs, fs.theta, x0, n, jax.random.fold_in(state.key, 7))
+        trace0 = lambda fs_, th, k: jnp.where(mask, dense_trace0(fs_, th, k), 0.0)
+        return online_segment(cell, loss_fn, params, state, batch, core=dense_core("jacobian", mask),
+                              trace0=trace0, stateful=stateful)
+
+    return GradientEstimator(init, update)
+
+
+@register_estimator("snap2")
+def snap2(cell: Cell, loss_fn: LossFn, **options) -> GradientEstimator:
+    """SnAp-2: :func:`snap` with ``n=2``."""
+    return snap(cell, loss_fn, n=2, **options)
+
+
+@register_estimator("snap1")
+def snap1(cell: Cell, loss_fn: LossFn, *, stateful: bool = False) -> GradientEstimator:
+    """SnAp-1 with the compressed influence ``[B, R, n]`` (memory O(P) per example, independent of ``T``).
+
+    Returns:
+      A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState`. Safe under ``jit``.
+    """
+    keep_blocks = lambda blocks, *_: blocks
+
+    def init(params, carry, key=None):
+        return init_state(cell, params, carry, compressed_trace0(unit_rows(cell, params)), key)
+
+    def update(params, state: OnlineState, batch):
+        rows = unit_rows(cell, params)
+        return online_segment(cell, loss_fn, params, state, batch, core=compressed_core(rows, keep_blocks),
+                              trace0=compressed_trace0(rows), stateful=stateful)
+
+    return GradientEstimator(init, update)

@@ -1,0 +1,107 @@
+"""The command line end to end: the quickstart config (few steps), sampling text, plotting, compare."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from jbptt import cli
+from jbptt.config import parse_config
+from jbptt.runner import build
+from jbptt.sampling import generate
+from tests.runner_helpers import tiny_raw, write_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quickstart_config_through_the_cli(tmp_path, capsys):
+    cfg = os.path.join(REPO, "configs", "quickstart.yaml")
+    code = cli.main(
+        [
+            "run",
+            cfg,
+            "training.steps=30",
+            "training.eval_every=15",
+            "training.eval_batch_size=64",
+            "model.hidden=8",
+            "logging.gradient_flow_batch=4",
+            f"logging.root={tmp_path}",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    assert os.path.basename(run_dir).startswith("quickstart-") and f"run {run_dir}: completed" in out
+    assert "step 30/30" in err  # the progress bar
+    files = set(os.listdir(run_dir))
+    assert {
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "curves.png",
+        "gradient_flow.png",
+        "gradient_flow.json",
+    } <= files
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["status"] == "completed" and summary["metric"] == "mse"
+    assert set(summary["final"]) == {"val", "test"} and summary["machine"]["cpu_count"] >= 1
+    flows = json.load(open(os.path.join(run_dir, "gradient_flow.json")))
+    assert len(flows["start"]["norms"]) == 50 and flows["end"]["step"] == 30
+    # Plot the run and an overlay of two runs.
+    assert cli.main(["plot", run_dir, run_dir, "--out", str(tmp_path / "both.png")]) == 0
+    assert (tmp_path / "both.png").stat().st_size > 1000
+    assert cli.main(["plot", str(tmp_path / "nope")]) == 2
+
+
+def test_sample_text_from_a_char_run(tmp_path, capsys):
+    raw = tiny_raw(tmp_path, task={"name": "chars", "options": {"seq_len": 12}}, training={"steps": 3})
+    run_dir = str(tmp_path / "lm")
+    assert cli.main(["run", write_config(tmp_path / "lm.yaml", raw), "--run-dir", run_dir, "--quiet"]) == 0
+    capsys.readouterr()
+    args = ["sample", run_dir, "--prompt", "def ", "--length", "25", "--temperature", "0.8"]
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("def ") and len(first.rstrip("\n")) >= 4 + 20
+    assert cli.main(args) == 0 and capsys.readouterr().out == first  # deterministic for a seed
+    assert cli.main(args[:-2] + ["--seed", "1"]) == 0
+    assert cli.main(["sample", run_dir, "--temperature", "0"]) == 2
+
+
+def test_sample_refuses_non_text_runs(tmp_path, capsys):
+    run_dir = str(tmp_path / "r")
+    raw = tiny_raw(tmp_path, training={"steps": 2})
+    assert cli.main(["run", write_config(tmp_path / "c.yaml", raw), "--run-dir", run_dir, "--quiet"]) == 0
+    assert cli.main(["sample", run_dir]) == 2
+    assert "character-level" in capsys.readouterr().err
+    before = open(os.path.join(run_dir, "metrics.jsonl")).read()
+    assert cli.main(["run", str(tmp_path / "c.yaml"), "--run-dir", run_dir]) == 2  # never overwrite a run
+    assert "already holds a run" in capsys.readouterr().err
+    assert open(os.path.join(run_dir, "metrics.jsonl")).read() == before
+
+
+def test_generate_greedy_follows_the_argmax(key):
+    exp = build(
+        parse_config({"task": {"name": "chars", "options": {"seq_len": 5}}, "model": {"cell": "elman", "hidden": 6}})
+    )
+    params = exp.cell.init(key, exp.task.input_size)
+    ids = np.asarray(generate(exp.cell, params, np.array([3, 4]), 3, key, vocab_size=96, temperature=1e-6))
+    carry, ys = None, None
+    from jbptt.unroll import unroll
+
+    seq = [3, 4]
+    for _ in range(3):
+        _, ys = unroll(exp.cell, params, jax.nn.one_hot(np.array([seq]), 96, dtype=np.float32))
+        seq.append(int(np.argmax(ys[0, -1])))
+    assert ids.tolist() == seq[2:]
+    del carry
+
+
+def test_compare_without_module_and_bad_args(capsys):
+    try:
+        import jbptt.compare  # noqa: F401
+    except ImportError:
+        assert cli.main(["compare"]) == 2
+        assert "jbptt.compare" in capsys.readouterr().err
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main(["run"]) == 2

@@ -1,0 +1,335 @@
+"""Data-parallel training (jbptt.parallel) on 8 forced CPU devices and across two processes.
+
+JAX fixes its device count when it starts, so the checks run in subprocesses (tests/parallel_worker.py): one
+8-device process runs every single-process check, and two 2-device processes (gloo collectives on 127.0.0.1)
+run the multi-process check, all three started at once.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from runner_helpers import metrics_without_time, tiny_raw, write_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "parallel_worker.py")
+EXACT = ["bptt", "tbptt", "rtrl", "snap1"]         # estimators checked step for step in float64
+SHORT = ["bptt"]          # estimators run ten float32 steps in every mode
+TIME_LIMIT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run_all(commands, out):
+    """Starts every ``(argv, extra_env)`` at once; returns their exit codes and logs. A process that fails
+    ends the others at once (its peers would wait for it), and none outlives ``TIME_LIMIT_S``."""
+    procs, files = [], []
+    try:
+        for i, (cmd, extra) in enumerate(commands):
+            files.append(open(out / f"log{i}.txt", "w+"))
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(**extra), stdout=files[-1],
+                                          stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIME_LIMIT_S
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.1)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    logs = []
+    for f in files:
+        f.seek(0)
+        logs.append(f.read())
+        f.close()
+    return [p.returncode for p in procs], logs
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Runs, all at once: the 8-device worker (which also runs the runner's 4-device reference), two worker
+    processes of a 2 x 2-device library run, and two `jbptt run` processes of a 2 x 2-device runner run (one
+    configured by dotted overrides, the other by the JAX_* environment variables). Returns the results."""
+    out = tmp_path_factory.mktemp("parallel")
+    config = write_config(out / "tiny.yaml", tiny_raw(out / "runs"))
+    common = [sys.executable, WORKER]
+    single = [*common, "single", "--devices", "8", "--out", str(out / "single.json"),
+              "--estimators", ",".join(EXACT), "--short", ",".join(SHORT), "--runner-config", config,
+              "--runner-dir", str(out / "run4")]
+    port, cli_port = free_port(), free_port()
+    multi = [[*common, "multi", "--devices", "2", "--out", str(out / f"multi{p}.json"),
+              "--short", ",".join(SHORT), "--process-id", str(p), "--num-processes", "2",
+              "--coordinator", f"127.0.0.1:{port}"] for p in range(2)]
+    run = [sys.executable, "-m", "jbptt", "run", config, "parallel.mode=sharded"]
+    cli = [[*run, "parallel.num_processes=2", "parallel.process_id=0",
+            f"parallel.coordinator_address=127.0.0.1:{cli_port}", "--quiet", "--run-dir", str(out / "cli0")],
+           [*run, "--quiet", "--run-dir", str(out / "cli1")]]
+    cli_env = [{"JAX_NUM_CPU_DEVICES": "2"},
+               {"JAX_NUM_CPU_DEVICES": "2", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{cli_port}",
+                "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}]
+    commands = [(single, {}), *((m, {}) for m in multi), *zip(cli, cli_env, strict=True)]
+    codes, logs = run_all(commands, out)
+    for code, log in zip(codes, logs, strict=True):
+        assert code == 0, log[-4000:]
+    assert not (out / "multi1.json").exists(), "only process 0 writes results"
+    return {"single": json.loads((out / "single.json").read_text()),
+            "multi": json.loads((out / "multi0.json").read_text()), "dir": out}
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+@pytest.mark.parametrize("name", EXACT)
+def test_one_step_equals_single_device_float64(results, name, mode):
+    """Three steps (per-example estimator state carried between them) equal the whole-batch step, 1e-10;
+    the first step's gradient equals plain ``jax.grad`` BPTT on the whole batch."""
+    single = results["single"]
+    assert single["devices"] == 8
+    r = single["exact"][name][mode]
+    assert r["dtype"] == "float64"
+    for what in ("loss", "grads", "params", "est_state"):
+        assert r[what] <= 1e-10, (name, mode, what, r[what])
+    if name in ("bptt", "rtrl"):  # TBPTT(2, 3) and SnAp-1 approximate: their reference is the step above
+        assert r["first_grads_vs_bptt"] <= 1e-10, (name, mode, r["first_grads_vs_bptt"])
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+@pytest.mark.parametrize("name", SHORT)
+def test_ten_steps_identical_across_modes_float32(results, name, mode):
+    single = results["single"]
+    r = single["short"][name]
+    assert r["dtype"] == "float32" and len(r["none_loss"]) == 10
+    assert r[mode]["metrics"] <= 1e-6, r
+    assert r[mode]["params_abs"] <= 1e-6, r
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+def test_two_processes_equal_one_process_with_four_devices(results, mode):
+    single, multi = results["single"], results["multi"]
+    assert (multi["process_count"], multi["devices"], multi["local_devices"]) == (2, 4, 2)
+    name = SHORT[0]
+    ref, got = single["short4"][name][mode], multi["short4"][name][mode]
+    assert len(got) == len(ref) == 10
+    for a, b in zip(got, ref, strict=True):
+        for k in b:
+            assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(b[k])), (k, a, b)
+
+
+def test_runner_two_processes_equal_one_process_with_four_devices(results):
+    """`jbptt run` in two processes (2 CPU devices each): process 0 writes the run, process 1 writes nothing,
+    and the logged metrics equal the single-process 4-device run's."""
+    out = results["dir"]
+    assert results["single"]["runner"] == "completed"
+    assert not (out / "cli1").exists(), "only process 0 writes the run folder"
+    ref, got = metrics_without_time(out / "run4"), metrics_without_time(out / "cli0")
+    assert len(got) == len(ref) > 0 and [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(got, ref, strict=True):
+        assert a.keys() == b.keys()
+        for k, v in b.items():
+            if isinstance(v, float):
+                assert abs(a[k] - v) <= 1e-6 * max(1.0, abs(v)), (k, a, b)
+            else:
+                assert a[k] == v, (k, a, b)
+    assert (out / "cli0" / "summary.json").exists() and (out / "cli0" / "checkpoints" / "last.msgpack").exists()
+
+
+def test_indivisible_batch_names_both_numbers(results):
+    single = results["single"]
+    msg = single["indivisible_error"]
+    assert msg is not None and "12" in msg and "8" in msg
+
+
+def test_bench_scaling_smoke(tmp_path):
+    """experiments/bench_scaling.py runs standalone on 2 forced CPU devices and writes its JSON."""
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "bench_scaling.py"), "--devices", "2",
+           "--scaling", "strong,weak", "--modes", "sharded", "--steps", "2", "--repeats", "1", "--hidden", "8",
+           "--T", "4", "--batch", "4", "--per-device-batch", "2", "--cell", "elman", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIME_LIMIT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["counts"] == [1, 2] and result["platform"] == "cpu"
+    assert {(r["scaling"], r["devices"], r["batch"]) for r in result["rows"]} == {
+        ("strong", 1, 4), ("strong", 2, 4), ("weak", 1, 2), ("weak", 2, 4)}
+    assert all(r["finite"] and r["steps_per_s"] > 0 for r in result["rows"])
+    assert "| strong | sharded |" in proc.stdout
+
+
+def test_structure_change_gets_a_clear_error(results):
+    single = results["single"]
+    msg = single["structure_error"]
+    assert msg is not None and "prepare" in msg and "prime_state" in msg
+
+
+# In-process checks (one CPU device is enough).
+
+
+def _estimator_with_state(make_state):
+    from jbptt.estimator import GradientEstimator
+
+    return GradientEstimator(lambda params, carry: make_state(carry), None)
+
+
+def test_state_batch_axes_rule():
+    import jax
+    import jax.numpy as jnp
+
+    from jbptt import parallel
+
+    B = 4
+    carry = (jnp.zeros((B, 3)), jnp.zeros((B, 2)))
+    est = _estimator_with_state(lambda c: {"carry": c, "trace": jnp.zeros((c[0].shape[0], 5, 3)),
+                                           "same_size_as_batch": jnp.zeros((B,)), "count": jnp.zeros(()),
+                                           "key": jax.random.key(0)})
+    axes = parallel.state_batch_axes(est, {"w": jnp.zeros((3, 3))}, carry)
+    assert axes == {"carry": (True, True), "trace": True, "same_size_as_batch": False, "count": False,
+                    "key": False}
+    bad = _estimator_with_state(lambda c: {"trace": jnp.zeros((5, c[0].shape[0]))})
+    with pytest.raises(ValueError, match=r"\['trace'\].*not the leading one"):
+        parallel.state_batch_axes(bad, {}, carry)
+
+
+def test_rtrl_and_tbptt_state_axes():
+    import jax
+    import jax.numpy as jnp
+
+    import jbptt
+    from jbptt import cells, losses, parallel
+
+    cell = cells.with_readout(cells.elman(3), 2)
+    params = cell.init(jax.random.key(0), 2)
+    carry = cell.initial_carry(params, (3,))  # B = 3 = hidden size: the rule must not rely on sizes
+    rtrl = parallel.state_batch_axes(jbptt.make_estimator("rtrl", cell, losses.mse), params, carry)
+    assert jax.tree_util.tree_leaves(rtrl.carry) == [True] and jax.tree_util.tree_leaves(rtrl.trace) == [True]
+    assert rtrl.key is False
+    tb = jbptt.make_estimator("tbptt", cell, losses.mse, k1=2, k2=3, stateful=True, artbp=0.1)
+    from jbptt.tbptt import prime_state
+
+    axes = parallel.state_batch_axes(tb, params, carry,
+                                     lambda s, c: prime_state(s, jnp.zeros((c.shape[0], 1, 2))))
+    assert axes.window.inputs is True and axes.since_truncation is True and axes.key is False
+
+
+def test_weighted_pmean_under_vmap():
+    import jax
+    import jax.numpy as jnp
+
+    from jbptt import parallel
+
+    x = jnp.array([1.0, 2.0, jnp.nan, 4.0])
+    w = jnp.array([1.0, 3.0, 0.0, 0.0])  # a shard without weight contributes nothing, even a NaN
+    out = jax.vmap(lambda xi, wi: parallel.weighted_pmean(xi, wi, "d"), axis_name="d")(x, w)
+    assert jnp.allclose(out, (1.0 + 6.0) / 4.0)
+    zero = jax.vmap(lambda xi, wi: parallel.weighted_pmean(xi, wi, "d"), axis_name="d")(x, jnp.zeros(4))
+    assert jnp.all(zero == 0)
+
+
+def test_bad_mode_and_device_count_errors():
+    import jax
+    import optax
+
+    import jbptt
+    from jbptt import cells, losses, parallel
+
+    cell = cells.with_readout(cells.elman(3), 2)
+    params = cell.init(jax.random.key(0), 2)
+    carry = cell.initial_carry(params, (4,))
+    est = jbptt.make_estimator("bptt", cell, losses.mse)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        parallel.data_parallel(est, optax.sgd(0.1), params, carry, mode="ddp")
+    n = jax.device_count()
+    with pytest.raises(ValueError, match=f"devices={n + 1} but {n} device"):
+        parallel.data_parallel(est, optax.sgd(0.1), params, carry, mode="sharded", devices=n + 1)
+    with pytest.raises(ValueError, match="'auto' or a positive integer"):
+        parallel.data_parallel(est, optax.sgd(0.1), params, carry, mode="pmap", devices="all")
+
+
+def test_every_registered_estimator_has_a_batch_axis_layout():
+    """The axis rule classifies every registered estimator's state: per-example carries and traces are
+    sharded, keys replicated (B = 3 = hidden size, so sizes alone could not tell)."""
+    import jax
+
+    import jbptt
+    from jbptt import cells, losses, parallel
+    from jbptt.estimator import ESTIMATORS, _import_builtin_estimators
+
+    _import_builtin_estimators()
+    cell = cells.with_readout(cells.elman(3), 2)
+    params = cell.init(jax.random.key(0), 2)
+    carry = cell.initial_carry(params, (3,))
+    options = {"tbptt": {"k1": 2, "k2": 2, "artbp": 0.1}}
+    assert {"bptt", "tbptt", "rtrl", "uoro", "snap1"} <= set(ESTIMATORS)
+    for name in sorted(n for n, f in ESTIMATORS.items() if f.__module__.startswith("jbptt.")):  # not tests'
+        axes = parallel.state_batch_axes(jbptt.make_estimator(name, cell, losses.mse, **options.get(name, {})),
+                                         params, carry)
+        assert all(jax.tree_util.tree_leaves(axes.carry)), name
+        for field in ("trace", "since_truncation"):
+            if hasattr(axes, field):
+                assert all(jax.tree_util.tree_leaves(getattr(axes, field))), (name, field)
+        if getattr(axes, "key", None) is not None:
+            assert axes.key is False, name
+
+
+def test_parallel_config_process_keys(tmp_path):
+    """The runner's multi-process keys are validated with one clear error each; a single-process config
+    never starts jax.distributed."""
+    from jbptt.config import ConfigError, parse_config
+    from jbptt.runner import start_processes
+
+    def cfg(**parallel):
+        return parse_config(tiny_raw(tmp_path, parallel=parallel))
+
+    with pytest.raises(ConfigError, match="parallel.mode.*multi-process"):
+        cfg(mode="none", num_processes=2)
+    with pytest.raises(ConfigError, match="parallel.process_id"):
+        cfg(mode="pmap", num_processes=2, process_id=2)
+    with pytest.raises(ConfigError, match="parallel.num_processes"):
+        cfg(mode="pmap", num_processes=0)
+    assert start_processes(cfg(mode="sharded", num_processes=1)) is False
+    assert start_processes(cfg(mode="sharded")) is False
+
+
+def test_readme_parallel_example_runs():
+    """The README's data-parallel example runs as written (on however many devices this process has)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Several devices and several processes (`jbptt.parallel`)", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+
+
+def test_runner_tbptt_with_replay_window_in_parallel_mode(tmp_path):
+    """`estimator: tbptt` with k2 > k1 (a state that grows on its first update) trains in the runner's
+    parallel path like in the plain one: the runner primes the state up front."""
+    from jbptt.config import parse_config
+    from jbptt.runner import train
+
+    runs = {}
+    for mode in ("none", "pmap"):
+        raw = tiny_raw(tmp_path, estimator={"name": "tbptt", "options": {"k1": 2, "k2": 4, "stateful": True}},
+                       parallel={"mode": mode}, training={"steps": 6, "eval_every": 3, "checkpoint_every": 3})
+        assert train(parse_config(raw), str(tmp_path / mode))["status"] == "completed"
+        runs[mode] = metrics_without_time(tmp_path / mode)
+    assert len(runs["none"]) == len(runs["pmap"]) > 0
+    for a, b in zip(runs["pmap"], runs["none"], strict=True):
+        for k, v in b.items():
+            assert a[k] == v if not isinstance(v, float) else abs(a[k] - v) <= 1e-6 * max(1.0, abs(v)), (k, a, b)
