@@ -43,23 +43,34 @@ B, H, I, O = 64, 256, 2, 1
 _SCANS: dict = {}  # (cell, T, policy) -> scan, for the training run
 
 
+CELLS = {
+    # Elman tanh; the segmented schedules (every_k / sqrt / nested) run its carry-only layer on their segments.
+    "tanh": lambda hidden: cells.elman(hidden),
+    # the same cell scanned step by step everywhere (the schedules' generic path)
+    "tanh_scan": lambda hidden: cells.elman(hidden, fused=None),
+    # LSTM; the plain scan and the segments run the fused layer (jbptt.fast, method "jvp")
+    "lstm": lambda hidden: cells.lstm(hidden),
+    "lstm_scan": lambda hidden: cells.lstm(hidden, fused=None),
+}
+
+
 def make_cell(name: str, hidden: int):
-    core = {"tanh": lambda: cells.elman(hidden), "lstm": lambda: cells.lstm(hidden)}[name]()
-    return cells.with_readout(core, O)
+    return cells.with_readout(CELLS[name](hidden), O)
 
 
-def policies(T: int, alpha: float, plan_max_T: int, plan_units, only=None) -> dict:
-    """name -> (scan, predicted evaluations); ``only``: names to keep (``none`` is always kept)."""
+def policies(T: int, alpha: float, plan_max_T: int, plan_units, only=None, layer: bool = False) -> dict:
+    """name -> (scan, predicted evaluations); ``only``: names to keep (``none`` is always kept); ``layer``: the cell
+    has a fused layer that the segmented policies run on their segments."""
     nl = "nonlinearities"  # inner steps keep their carry + tanh/sigmoid outputs (remat.save_nonlinearity_outputs)
     makers = {
         "none": lambda: (None, T),
         "per_step": lambda: (remat.per_step(), remat.evaluations("per_step", T)),
         "per_step_nl": lambda: (remat.per_step(nl), remat.evaluations("per_step", T)),
-        "sqrt": lambda: (remat.sqrt(), remat.evaluations("sqrt", T)),
-        "sqrt_nl": lambda: (remat.sqrt(nl), remat.evaluations("sqrt", T, checkpoint_policy=nl)),
-        "nested3": lambda: (remat.nested(3), remat.evaluations("nested", T, levels=3)),
+        "sqrt": lambda: (remat.sqrt(), remat.evaluations("sqrt", T, layer=layer)),
+        "sqrt_nl": lambda: (remat.sqrt(nl), remat.evaluations("sqrt", T, checkpoint_policy=nl, layer=layer)),
+        "nested3": lambda: (remat.nested(3), remat.evaluations("nested", T, levels=3, layer=layer)),
         "nested3_nl": lambda: (remat.nested(3, policy=nl),
-                              remat.evaluations("nested", T, levels=3, checkpoint_policy=nl)),
+                              remat.evaluations("nested", T, levels=3, checkpoint_policy=nl, layer=layer)),
         "binomial10": lambda: (remat.binomial(10), remat.evaluations("binomial", T, slots=10)),
         "binomial32": lambda: (remat.binomial(32), remat.evaluations("binomial", T, slots=32)),
     }
@@ -82,18 +93,12 @@ def grad_fn(cell, batch, scan):
 
 
 def count_evaluations(cell_name: str, T: int, scan) -> int:
-    """Runs one gradient of a proxy cell on the CPU backend and counts the step's evaluations by callback."""
+    """Runs one gradient of a proxy cell on the CPU backend and counts its evaluations by callback
+    (:func:`jbptt.remat.counting_cell`: per step when scanned, per segment length when its fused layer runs)."""
     counter = [0]
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
-        cell = make_cell(cell_name, 4)
-
-        def step(params, carry, x):
-            dep = jax.tree_util.tree_leaves(carry)[0].ravel()[0] + jnp.sum(x)
-            jax.debug.callback(lambda v: counter.__setitem__(0, counter[0] + 1), dep)
-            return cell.step(params, carry, x)
-
-        counting = cell._replace(step=step)
+        counting = remat.counting_cell(make_cell(cell_name, 4), counter)
         params = counting.init(jax.random.key(0), I)
         batch = batch_for(T, 1, jax.random.key(1))
         jax.block_until_ready(grad_fn(counting, batch, scan)(params))
@@ -117,7 +122,8 @@ def bench_one(cell_name: str, T: int, args) -> list[dict]:
     carry_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(carry))
     alpha = remat.residual_bytes(cell.step, params, carry, jnp.ones((B, I))) / carry_bytes
     t0 = time.perf_counter()
-    pols = policies(T, alpha, args.plan_max_T, args.plan_units, args.policies)
+    has_layer = cells.segment_fn(cells.layer_of(cell)) is not None
+    pols = policies(T, alpha, args.plan_max_T, args.plan_units, args.policies, layer=has_layer)
     plan_s = time.perf_counter() - t0
     compiled, rows = {}, []
     for name, (scan, predicted) in pols.items():
@@ -144,7 +150,7 @@ def bench_one(cell_name: str, T: int, args) -> list[dict]:
         med = statistics.median(times[r["policy"]])
         r.update(median_s=med, time_ratio=med / base_t, mem_fraction=r["temp_bytes"] / base_mem,
                  mem_saved=1 - r["temp_bytes"] / base_mem, evals_per_step=r["predicted_evals"] / T)
-        print(f"{cell_name:5s} T={T:6d} {r['policy']:11s} temp={r['temp_bytes'] / 2**20:9.2f} MiB "
+        print(f"{cell_name:9s} T={T:6d} {r['policy']:11s} temp={r['temp_bytes'] / 2**20:9.2f} MiB "
               f"saved={100 * r['mem_saved']:6.2f}%  time x{r['time_ratio']:.3f}  "
               f"evals/T={r['evals_per_step']:.3f}  counted={r['counted_evals']} "
               f"predicted={r['predicted_evals']}", flush=True)
@@ -238,7 +244,7 @@ def plot(rows, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, nargs="+", default=[256, 1024, 4096, 16384])
-    ap.add_argument("--cells", nargs="+", default=["tanh", "lstm"])
+    ap.add_argument("--cells", nargs="+", default=["tanh", "lstm"], choices=sorted(CELLS))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--plan-max-T", type=int, default=1024, help="plan only up to this T (O(T^2) planning)")
     ap.add_argument("--plan-units", type=int, nargs="+", default=[32, 64, 96])

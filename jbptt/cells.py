@@ -53,26 +53,45 @@ class Cell(NamedTuple):
 
 
 class Layer(NamedTuple):
-    """A fused whole-sequence implementation of a cell's recurrence (the fast path of :func:`jbptt.unroll.unroll`).
+    """Fused whole-sequence implementations of a cell's recurrence (the fast paths of :func:`jbptt.unroll.unroll`).
+
+    Both functions have the signature ``f(params, xs, carry, valid, reset, unroll) -> (carry, ys)`` over time-major
+    ``xs: [T, B, I]`` with optional ``valid``/``reset: [T, B]`` masks (``reset`` re-initialises the carry to the
+    cell's ``initial_carry``, which must be zeros; ``ys: [T, B, O]`` must be zero where ``valid`` is False) and
+    ``unroll=None`` meaning "pick your own scan unroll factor". Each computes exactly what scanning ``step`` does.
 
     Attributes:
       step: the per-step function this layer is equivalent to. The layer is used only while
         ``cell.layer.step is cell.step``, so ``cell._replace(step=new_step)`` silently falls back to scanning
         ``new_step``.
-      apply: ``apply(params, xs, carry, valid, reset, unroll) -> (carry, ys)`` over time-major ``xs: [T, B, I]``
-        with optional ``valid``/``reset: [T, B]`` masks (``reset`` re-initialises the carry to the cell's
-        ``initial_carry``, which must be zeros; ``ys: [T, B, O]`` must be zero where ``valid`` is False) and
-        ``unroll=None`` meaning "pick your own scan unroll factor".
+      apply: used by :func:`~jbptt.unroll.unroll` in place of the scan when no ``scan=`` replacement is given
+        (``None``: always scan ``step`` then).
+      segment: used by the segmented remat schedules of :mod:`jbptt.remat` (``every_k``, ``sqrt``, ``nested``) for
+        their innermost segments; meant for an implementation whose backward pass stores as little as possible
+        (the Elman layer keeps only the carries). ``None``: those schedules use ``apply`` if there is one.
+      segment_readout: optional ``f(params, readout_params, xs, carry, valid, reset, unroll) -> (carry, ys)``:
+        ``segment`` followed by :func:`with_readout`'s linear readout (``readout_params = {"w": [H, O], "b":
+        [O]}``) of every step, computed inside the layer's loops so that its backward pass never holds the
+        ``[T, B, H]`` cotangent of the outputs. :func:`with_readout` uses it for its ``segment`` when present.
     """
 
     step: Callable
-    apply: Callable
+    apply: Callable | None
+    segment: Callable | None = None
+    segment_readout: Callable | None = None
 
 
 def layer_of(cell: Cell) -> Layer | None:
     """``cell.layer`` when it is valid for ``cell.step`` (see :class:`Layer`), else ``None``."""
     layer = cell.layer
     return layer if layer is not None and layer.step is cell.step else None
+
+
+def segment_fn(layer: Layer | None) -> Callable | None:
+    """The whole-sequence function a segmented remat schedule runs: ``layer.segment``, else ``layer.apply``."""
+    if layer is None:
+        return None
+    return layer.segment if layer.segment is not None else layer.apply
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +178,7 @@ def _activation(name: str) -> Callable:
 
 
 def elman(hidden: int, *, activation: str = "tanh", recurrent_init="orthogonal", input_init="lecun",
-          recurrent_scale: float = 1.0, dtype=jnp.float32) -> Cell:
+          recurrent_scale: float = 1.0, dtype=jnp.float32, fused: str | None = "remat") -> Cell:
     """Elman RNN: ``h' = act(x W_x + h W_h + b)``; ``y = h'``.
 
     ``activation="relu", recurrent_init="identity"`` gives the IRNN of Le et al. (2015).
@@ -169,6 +188,12 @@ def elman(hidden: int, *, activation: str = "tanh", recurrent_init="orthogonal",
       activation: ``"tanh"``, ``"relu"`` or ``"identity"`` (a linear RNN).
       recurrent_init / input_init: initialiser names (see ``INITIALIZERS``) or callables.
       recurrent_scale: multiplies the initial recurrent matrix (e.g. ``a`` for ``a * I``).
+      fused: where the whole-sequence layer :func:`jbptt.fast.elman_layer` (a custom VJP that stores only the
+        carries) replaces the per-step scan. ``"remat"`` (default): inside the segments of the segmented remat
+        schedules (:func:`jbptt.remat.every_k`, ``sqrt``, ``nested``) only, where it cuts a segment's memory to
+        one carry per step; a plain :func:`~jbptt.unroll.unroll` scans ``step`` (so ``jax.jvp`` works through
+        it). ``"vjp"``: also in a plain unroll (one carry per step instead of JAX's three; reverse mode only).
+        ``None``: never.
 
     Returns:
       A :class:`Cell` with params ``{"w_x": [I, H], "w_h": [H, H], "b": [H]}``, carry ``[*batch, H]``.
@@ -186,7 +211,19 @@ def elman(hidden: int, *, activation: str = "tanh", recurrent_init="orthogonal",
         h = act(x @ params["w_x"] + h @ params["w_h"] + params["b"])
         return h, h
 
-    return Cell(init, _zeros_carry(hidden), step, hidden, hidden)
+    if fused not in (None, "remat", "vjp"):
+        raise ValueError(f"elman: fused must be None, 'remat' or 'vjp', got {fused!r}")
+    layer = None
+    if fused is not None:
+        def apply(params, xs, carry, valid, reset, unroll):
+            return fast.elman_layer(params, xs, carry, valid, reset, activation=activation, unroll=unroll)
+
+        def apply_readout(params, readout, xs, carry, valid, reset, unroll):
+            return fast.elman_layer(params, xs, carry, valid, reset, activation=activation, readout=readout,
+                                    unroll=unroll)
+
+        layer = Layer(step, apply if fused == "vjp" else None, apply, apply_readout)
+    return Cell(init, _zeros_carry(hidden), step, hidden, hidden, layer)
 
 
 def lstm(hidden: int, *, forget_bias: float = 1.0, recurrent_init="orthogonal", input_init="lecun",
@@ -464,21 +501,28 @@ def stack(cells: Sequence[Cell], *, residual: bool = False, dropout_rate: float 
         return tuple(new_carry), x
 
     layers = [layer_of(c) for c in cells]
-    layer = None
-    if all(lay is not None for lay in layers):
-        # Layer by layer over the whole sequence. Dropout needs per-step keys, so it only ever runs in `step`
-        # (unroll uses a layer only for plain array inputs, where `step` applies no dropout either).
+
+    def layered(fns):  # layer by layer over the whole sequence, with each layer's whole-sequence function `fns[l]`
+        if any(f is None for f in fns):
+            return None
+
         def apply(params, xs, carry, valid, reset, unroll):
             new_carry, x = [], xs
-            for l, (lay, p, c) in enumerate(zip(layers, params, carry, strict=True)):
-                c, y = lay.apply(p, x, c, valid, reset, unroll)
+            for l, (f, p, c) in enumerate(zip(fns, params, carry, strict=True)):
+                c, y = f(p, x, c, valid, reset, unroll)
                 if residual and l > 0 and y.shape[-1] == x.shape[-1]:
                     y = y + x
                 new_carry.append(c)
                 x = y
             return tuple(new_carry), x
 
-        layer = Layer(step, apply)
+        return apply
+
+    # Dropout needs per-step keys, so it only ever runs in `step` (unroll uses a layer only for plain array inputs,
+    # where `step` applies no dropout either).
+    layer = None
+    if all(lay is not None for lay in layers):
+        layer = Layer(step, layered([lay.apply for lay in layers]), layered([segment_fn(lay) for lay in layers]))
     return Cell(init, initial_carry, step, sum(c.hidden_size for c in cells), cells[-1].output_size, layer)
 
 
@@ -511,14 +555,25 @@ def with_readout(cell: Cell, output_size: int, *, init=lecun) -> Cell:
         carry, y = cell.step(params["core"], carry, x)
         return carry, y @ params["readout"]["w"] + params["readout"]["b"]
 
-    core_layer, layer = layer_of(cell), None
-    if core_layer is not None:
-        def apply(params, xs, carry, valid, reset, unroll):  # the readout of all steps is one product
-            carry, ys = core_layer.apply(params["core"], xs, carry, valid, reset, unroll)
+    def read_out(core_fn):  # the core's whole-sequence function, then the readout of all steps as one product
+        if core_fn is None:
+            return None
+
+        def apply(params, xs, carry, valid, reset, unroll):
+            carry, ys = core_fn(params["core"], xs, carry, valid, reset, unroll)
             ys = fast.dense(ys, params["readout"]["w"], params["readout"]["b"])
             return carry, ys if valid is None else jnp.where(valid[..., None], ys, jnp.zeros((), ys.dtype))
 
-        layer = Layer(step, apply)
+        return apply
+
+    core_layer, layer = layer_of(cell), None
+    if core_layer is not None:
+        segment = read_out(segment_fn(core_layer))
+        if core_layer.segment_readout is not None:
+            def segment(params, xs, carry, valid, reset, unroll):
+                return core_layer.segment_readout(params["core"], params["readout"], xs, carry, valid, reset, unroll)
+
+        layer = Layer(step, read_out(core_layer.apply), segment)
     return Cell(init_fn, initial_carry, step, cell.hidden_size, output_size, layer)
 
 

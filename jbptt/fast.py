@@ -101,9 +101,142 @@ def _is_zero(t):
     return isinstance(t, SymbolicZero)
 
 
+def _zero_where(mask, a):
+    return a if mask is None else jnp.where(_col(mask), jnp.zeros((), a.dtype), a)
+
+
+def _float0_like(masks):
+    return jax.tree.map(lambda m: jnp.zeros(m.shape, jax.dtypes.float0), masks)
+
+
 def _scan_inputs(*arrays):
     """Scan ``xs``: ``None`` entries (absent masks) stay ``None``."""
     return tuple(arrays)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Elman: h' = act(x W_x + h W_h + b). The derivative of each activation is a function of its output (tanh: 1 - y^2,
+# relu: y > 0, identity: 1), so a step's backward needs only its input and output carries: the layer's custom VJP
+# keeps the carry sequence and nothing else (one carry per step, "alpha = 1" in the terms of jbptt.remat).
+
+ELMAN_ACTIVATIONS = ("tanh", "relu", "identity")
+
+_ELMAN_ACT = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}
+
+
+def _elman_act_grad(name, y):
+    """``act'(z)`` written as a function of ``y = act(z)``."""
+    if name == "tanh":
+        return 1.0 - y * y
+    if name == "relu":
+        return (y > 0).astype(y.dtype)
+    return jnp.ones((), y.dtype)
+
+
+def _elman_forward(act, w_x, w_h, b, readout, xs, h0, valid, reset, unroll):
+    """The recurrence over ``xs [T, B, I]``: returns ``(h_T, hs, ys)`` with ``hs [T, B, H]`` the carry after each
+    step and ``ys`` the (masked) outputs: ``hs`` itself, or with ``readout = (w_o, b_o)`` each step's
+    ``h W_o + b_o`` computed inside the loop."""
+    f = _ELMAN_ACT[act]
+
+    def body(h, inp):
+        x, v, r = inp
+        h = _zero_where(r, h)
+        h_new = f(x @ w_x + h @ w_h + b)
+        y = h_new
+        if readout is not None:
+            y = h_new @ readout[0] + readout[1]
+        if v is not None:
+            h_new, y = jnp.where(_col(v), h_new, h), jnp.where(_col(v), y, jnp.zeros((), y.dtype))
+        return h_new, (h_new, y if readout is not None else None)
+
+    hT, (hs, ys) = lax.scan(body, h0, (xs, valid, reset), unroll=unroll)
+    return hT, hs, _mask_ys(hs, valid) if readout is None else ys
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 8))
+def _elman_vjp(act, w_x, w_h, b, readout, xs, h0, masks, unroll):
+    hT, _, ys = _elman_forward(act, w_x, w_h, b, readout, xs, h0, *masks, unroll)
+    return hT, ys
+
+
+def _elman_vjp_fwd(act, w_x, w_h, b, readout, xs, h0, masks, unroll):
+    hT, hs, ys = _elman_forward(act, w_x, w_h, b, readout, xs, h0, *masks, unroll)
+    return (hT, ys), (w_x, w_h, readout, xs, h0, hs, masks)
+
+
+def _elman_vjp_bwd(act, unroll, res, cts):
+    w_x, w_h, readout, xs, h0, hs, masks = res
+    g_hT, g_ys = cts
+    valid, reset = masks
+    T = xs.shape[0]
+    w_hT, w_xT = w_h.T, w_x.T
+    w_oT = None if readout is None else readout[0].T
+
+    def body(carry, inp):
+        g_h, g_wx, g_wh, g_b, g_ro = carry
+        t, x, g_y, v, r = inp
+        h_out = lax.dynamic_index_in_dim(hs, t, keepdims=False)
+        h_prev = jnp.where(t == 0, h0, lax.dynamic_index_in_dim(hs, jnp.maximum(t - 1, 0), keepdims=False))
+        if v is not None:  # ys are zero at invalid steps: their cotangent does not flow back
+            g_y = jnp.where(_col(v), g_y, 0.0)
+        if readout is not None:
+            g_ro = (g_ro[0] + h_out.T @ g_y, g_ro[1] + jnp.sum(g_y, axis=0))
+            g_y = g_y @ w_oT
+        g = g_h + g_y
+        if v is not None:
+            g = jnp.where(_col(v), g, 0.0)
+        delta = g * _elman_act_grad(act, h_out)  # dL/dz at this step
+        g_prev = delta @ w_hT
+        if v is not None:
+            g_prev = g_prev + jnp.where(_col(v), 0.0, g_h)  # invalid steps pass the carry (and its gradient) on
+        g_prev, h_in = _zero_where(r, g_prev), _zero_where(r, h_prev)
+        carry = (g_prev, g_wx + x.T @ delta, g_wh + h_in.T @ delta, g_b + jnp.sum(delta, axis=0), g_ro)
+        return carry, delta @ w_xT
+
+    zeros = (jnp.zeros_like(w_x), jnp.zeros_like(w_h), jnp.zeros(w_h.shape[-1:], w_h.dtype),
+             jax.tree.map(jnp.zeros_like, readout))
+    (g_h0, g_wx, g_wh, g_b, g_ro), g_xs = lax.scan(body, (g_hT, *zeros), (jnp.arange(T), xs, g_ys, valid, reset),
+                                                   reverse=True, unroll=unroll)
+    return g_wx, g_wh, g_b, g_ro, g_xs, g_h0, _float0_like(masks)
+
+
+_elman_vjp.defvjp(_elman_vjp_fwd, _elman_vjp_bwd)
+
+
+def elman_layer(params, xs, carry, valid=None, reset=None, *, activation: str = "tanh", readout=None,
+                unroll: int | None = None):
+    """Runs the :func:`jbptt.cells.elman` recurrence over a whole time-major sequence, with a custom VJP that keeps
+    only the carry sequence.
+
+    The backward pass is a reverse scan that reads each step's input and output carries (``h_{t-1}``, ``h_t``)
+    from the stored ``[T, B, H]`` carries, forms ``delta_t = dL/dz_t = g_t * act'(z_t)`` from ``h_t`` alone (tanh:
+    ``1 - h_t^2``; relu: ``h_t > 0``; identity: ``1``), passes ``delta_t W_h^T`` back and accumulates the weight
+    gradients: no matrix product of the forward pass is redone and nothing but the carries is stored (JAX's own
+    rule keeps 3 carries per tanh step). This is what lets :mod:`jbptt.remat`'s segmented schedules keep
+    ``T / k + k`` carries at ``2T`` evaluations. Reverse mode only (``jax.jvp`` of it raises).
+
+    Args:
+      params: ``{"w_x": [I, H], "w_h": [H, H], "b": [H]}``.
+      xs: ``[T, B, I]`` inputs.
+      carry: ``h: [B, H]``.
+      valid: optional ``[T, B]`` booleans; at invalid steps the carry is left unchanged and ``ys`` is zero.
+      reset: optional ``[T, B]`` booleans; the carry is zeroed before flagged steps.
+      activation: ``"tanh"``, ``"relu"`` or ``"identity"``.
+      readout: optional ``{"w": [H, O], "b": [O]}``: ``ys`` are then ``h_t W + b``, computed (and differentiated)
+        inside the loops, so the backward pass never holds a ``[T, B, H]`` output cotangent
+        (:func:`jbptt.cells.with_readout` of an Elman cell uses this in remat segments).
+      unroll: ``lax.scan`` unroll factor (default :func:`auto_unroll`).
+
+    Returns:
+      ``(h, ys)`` with ``h: [B, H]`` the final carry and ``ys: [T, B, H]`` (``[T, B, O]`` with a readout).
+    """
+    if activation not in ELMAN_ACTIVATIONS:
+        raise ValueError(f"elman_layer: unknown activation {activation!r}; choose from {ELMAN_ACTIVATIONS}")
+    T, B = xs.shape[:2]
+    unroll = auto_unroll(T, B, carry.shape[-1]) if unroll is None else unroll
+    ro = None if readout is None else (readout["w"], readout["b"])
+    return _elman_vjp(activation, params["w_x"], params["w_h"], params["b"], ro, xs, carry, (valid, reset), unroll)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,10 +311,6 @@ def _sum_terms(terms, like):
     return jnp.zeros(like.shape, like.dtype) if out is None else out
 
 
-def _zero_where(mask, a):
-    return a if mask is None else jnp.where(_col(mask), jnp.zeros((), a.dtype), a)
-
-
 @partial(jax.custom_jvp, nondiff_argnums=(7,))
 def _lstm_jvp(w_x, w_h, b, xs, h0, c0, masks, unroll):
     valid, reset = masks
@@ -234,10 +363,6 @@ def _lstm_vjp_fwd(w_x, w_h, b, xs, h0, c0, masks, unroll):
     (hT, cT), (hs, k, f, q) = _lstm_forward(w_x, w_h, b, xs, h0, c0, valid, reset, unroll, residuals=True,
                                             hoist=False)
     return ((hT, cT), _mask_ys(hs, valid)), (w_x, w_h, xs, h0, masks, hs, k, f, q)
-
-
-def _float0_like(masks):
-    return jax.tree.map(lambda m: jnp.zeros(m.shape, jax.dtypes.float0), masks)
 
 
 def _lstm_vjp_bwd(unroll, res, cts):

@@ -47,10 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jbptt.cells import Cell, Layer, layer_of
+
 ScanFn = Callable[..., tuple[Any, Any]]
 
 __all__ = [
-    "POLICIES", "Plan", "Schedule", "binomial", "binomial_schedule", "checkpoint_policy", "every_k",
+    "POLICIES", "Plan", "Schedule", "binomial", "binomial_schedule", "checkpoint_policy", "counting_cell", "every_k",
     "evaluations", "nested", "none", "per_step", "plan", "residual_bytes", "revolve_evaluations",
     "save_nonlinearity_outputs", "scan_from_config", "schedule_scan", "sqrt",
 ]
@@ -182,6 +184,43 @@ def _segment_scan(body, init, xs, seg_lens: Sequence[int], unroll: int):
     return carry, _concat([ys, ys_rem])
 
 
+def _segment_layer(apply, seg_lens: Sequence[int], params, xs, carry, valid, reset):
+    """:func:`_segment_scan` for a whole-sequence function ``apply(params, xs, carry, valid, reset, unroll)`` (a
+    cell's :class:`~jbptt.cells.Layer`): the innermost segments run ``apply`` instead of a per-step scan, so a
+    recomputed segment keeps what ``apply``'s own derivative rule stores (the Elman layer: its carries only)."""
+    T = int(xs.shape[0])
+    if len(seg_lens) <= 1 or T <= 1:
+        return apply(params, xs, carry, valid, reset, None)
+    k, inner = seg_lens[0], seg_lens[1:]
+    n = T // k
+    if n == 0:
+        return _segment_layer(apply, inner, params, xs, carry, valid, reset)
+
+    def segment(c, seg):
+        return _segment_layer(apply, inner, params, seg[0], c, seg[1], seg[2])
+
+    main = jax.tree.map(lambda a: a[:n * k].reshape((n, k) + a.shape[1:]), (xs, valid, reset))
+    carry, ys = lax.scan(jax.checkpoint(segment, prevent_cse=False), carry, main)
+    ys = ys.reshape((n * k,) + ys.shape[2:])
+    if n * k == T:
+        return carry, ys
+    rest = jax.tree.map(lambda a: a[n * k:], (xs, valid, reset))
+    carry, ys_rem = _segment_layer(apply, inner, params, rest[0], carry, rest[1], rest[2])
+    return carry, jnp.concatenate([ys, ys_rem], axis=0)
+
+
+def _with_layer_runner(scan: ScanFn, seg_lens_of: Callable[[int], list[int]]) -> ScanFn:
+    """Gives a segmented scan the ``run_layer(apply, params, xs, carry, valid, reset, unroll)`` attribute that
+    :func:`jbptt.unroll.unroll` calls for cells with a fused :class:`~jbptt.cells.Layer` (same segments)."""
+
+    def run_layer(apply, params, xs, carry, valid, reset, unroll=None):
+        del unroll  # the layer picks its own
+        return _segment_layer(apply, seg_lens_of(int(xs.shape[0])), params, xs, carry, valid, reset)
+
+    scan.run_layer = run_layer
+    return scan
+
+
 def _nested_lengths(T: int, levels: int, k: int | None) -> list[int]:
     """Segment lengths, outermost first, for ``levels`` levels of branching ``k`` (default ceil(T^(1/d)))."""
     if levels < 1:
@@ -205,12 +244,13 @@ def every_k(k: int | None = None, policy: str | Callable | None = None) -> ScanF
         raise ValueError(f"every_k: k must be >= 1, got {k}")
     pol = checkpoint_policy(policy)
 
-    def impl(body, init, xs, unroll):
-        T = _length(xs)
-        kk = math.ceil(math.sqrt(T)) if k is None else k
-        return _segment_scan(_checkpointed_step(body, pol), init, xs, [kk, 1], unroll)
+    def seg_lens(T):
+        return [math.ceil(math.sqrt(T)) if k is None else k, 1]
 
-    return _forward_only(impl)
+    def impl(body, init, xs, unroll):
+        return _segment_scan(_checkpointed_step(body, pol), init, xs, seg_lens(_length(xs)), unroll)
+
+    return _with_layer_runner(_forward_only(impl), seg_lens)
 
 
 def sqrt(policy: str | Callable | None = None) -> ScanFn:
@@ -231,11 +271,13 @@ def nested(levels: int = 3, k: int | None = None, policy: str | Callable | None 
         raise ValueError(f"nested: levels must be >= 1, got {levels}")
     pol = checkpoint_policy(policy)
 
-    def impl(body, init, xs, unroll):
-        seg_lens = _nested_lengths(_length(xs), levels, k)
-        return _segment_scan(_checkpointed_step(body, pol), init, xs, seg_lens, unroll)
+    def seg_lens(T):
+        return _nested_lengths(T, levels, k)
 
-    return _forward_only(impl)
+    def impl(body, init, xs, unroll):
+        return _segment_scan(_checkpointed_step(body, pol), init, xs, seg_lens(_length(xs)), unroll)
+
+    return _with_layer_runner(_forward_only(impl), seg_lens)
 
 
 def _segment_evaluations(T: int, seg_lens: Sequence[int]) -> int:
@@ -769,19 +811,67 @@ def binomial(slots: int = 10) -> ScanFn:
     return scan
 
 
+def counting_cell(cell: Cell, counter: list) -> Cell:
+    """An instrumented copy of ``cell`` for checking what a schedule costs: every evaluation of its step in the
+    compiled program adds 1 to ``counter[0]``, and every run of one of its :class:`~jbptt.cells.Layer`'s
+    whole-sequence functions adds the number of steps it runs (a fused layer's backward pass evaluates no step).
+    The counts come from ``jax.debug.callback`` calls whose argument depends on the carry, so XLA can neither
+    hoist nor merge them; recomputations inside ``jax.checkpoint`` call back again. Read ``counter[0]`` after
+    ``jax.effects_barrier()``.
+
+    Returns:
+      A :class:`~jbptt.cells.Cell` computing exactly what ``cell`` computes.
+    """
+
+    def bump(n: int, carry, x):
+        dep = jax.tree_util.tree_leaves(carry)[0].ravel()[0] + sum(jnp.sum(a) for a in jax.tree_util.tree_leaves(x))
+        jax.debug.callback(lambda _: counter.__setitem__(0, counter[0] + n), dep)
+
+    def step(params, carry, x):
+        bump(1, carry, x)
+        return cell.step(params, carry, x)
+
+    def wrap(f):  # f(params, xs, carry, valid, reset, unroll)
+        if f is None:
+            return None
+
+        def run(params, xs, carry, valid, reset, unroll):
+            bump(int(xs.shape[0]), carry, xs)
+            return f(params, xs, carry, valid, reset, unroll)
+
+        return run
+
+    def wrap_readout(f):  # f(params, readout_params, xs, carry, valid, reset, unroll)
+        if f is None:
+            return None
+
+        def run(params, readout, xs, carry, valid, reset, unroll):
+            bump(int(xs.shape[0]), carry, xs)
+            return f(params, readout, xs, carry, valid, reset, unroll)
+
+        return run
+
+    layer = layer_of(cell)
+    if layer is not None:
+        layer = Layer(step, wrap(layer.apply), wrap(layer.segment), wrap_readout(layer.segment_readout))
+    return cell._replace(step=step, layer=layer)
+
+
 def evaluations(policy: str, T: int, **kwargs) -> int:
     """Predicted cell evaluations of one gradient through ``T`` steps under ``policy`` (forward included).
 
     ``kwargs`` are the policy's options (``k``, ``levels``, ``slots``, ``budget``/``alpha`` for ``plan``,
-    ``checkpoint_policy`` for ``every_k``/``sqrt``/``nested``). With a ``checkpoint_policy`` the segmented
-    policies also replay each step once in the backward pass of its inner checkpoint (``+ T``), but only the
-    part the policy did not save: with ``"nonlinearities"`` elementwise ops, no matrix product (the compiled
-    program has as many dot ops as without the policy)."""
+    ``checkpoint_policy`` for ``every_k``/``sqrt``/``nested``, and ``layer=True`` when the cell's fused layer
+    runs the segments). With a ``checkpoint_policy`` the segmented policies also replay each step once in the
+    backward pass of its inner checkpoint (``+ T``), but only the part the policy did not save: with
+    ``"nonlinearities"`` elementwise ops, no matrix product (the compiled program has as many dot ops as without
+    the policy). A fused layer ignores the checkpoint policy (its own derivative rule decides what it keeps, and
+    its backward pass replays nothing)."""
     if policy == "none":
         return T
     if policy == "per_step":
         return 2 * T
-    replay = T if kwargs.get("checkpoint_policy") is not None else 0
+    replay = T if kwargs.get("checkpoint_policy") is not None and not kwargs.get("layer") else 0
     if policy in ("every_k", "sqrt"):
         k = kwargs.get("k") or math.ceil(math.sqrt(T))
         return _segment_evaluations(T, [k, 1]) + replay

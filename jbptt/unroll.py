@@ -7,13 +7,14 @@ compiled program does not grow with ``T`` (no Python loop over time).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbptt.cells import Cell, Layer, layer_of
+from jbptt.cells import Cell, layer_of, segment_fn
 
 ScanFn = Callable[..., tuple[Any, Any]]
 
@@ -76,10 +77,12 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
 
     Fast path: when the cell carries a fused :class:`~jbptt.cells.Layer` for its ``step`` (LSTM and GRU by
     default, and :func:`~jbptt.cells.stack` / :func:`~jbptt.cells.with_readout` of such cells), ``xs`` is a single
-    array and no ``scan`` replacement is given, the whole sequence runs through the layer (see :mod:`jbptt.fast`):
-    same function, same ``seq_lengths`` / ``resets`` / ``reverse`` semantics. Inputs with per-step keys (dropout),
-    a custom ``scan`` (remat schedules), mixed dtypes among ``params``, ``carry`` and ``xs`` and any other cell fall
-    back to scanning ``cell.step``.
+    array and no ``scan`` replacement is given, the whole sequence runs through the layer's ``apply`` (see
+    :mod:`jbptt.fast`): same function, same ``seq_lengths`` / ``resets`` / ``reverse`` semantics. A segmented remat
+    schedule (a ``scan`` with a ``run_layer`` attribute: :func:`jbptt.remat.every_k`, ``sqrt``, ``nested``) runs
+    the layer's ``segment`` function (else ``apply``) on each innermost segment instead (Elman cells by default:
+    one stored carry per step). Inputs with per-step keys (dropout), other ``scan`` replacements, mixed dtypes
+    among ``params``, ``carry`` and ``xs`` and any other cell fall back to scanning ``cell.step``.
 
     Safe under ``jit``, ``grad``, ``vmap`` and ``jvp``.
     """
@@ -98,8 +101,13 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
         reset_before = resets.T
         fresh = cell.initial_carry(params, (B,))
 
-    if layer is not None and scan is None and _one_dtype(params, carry, xs):
-        return _unroll_layer(layer, params, jnp.asarray(xs), carry, valid, reset_before, unroll, reverse)
+    if layer is not None and _one_dtype(params, carry, xs):
+        if scan is None and layer.apply is not None:
+            return _unroll_layer(layer.apply, params, jnp.asarray(xs), carry, valid, reset_before, unroll, reverse)
+        run_layer, seg = getattr(scan, "run_layer", None), segment_fn(layer)
+        if run_layer is not None and seg is not None:
+            apply = partial(run_layer, seg)
+            return _unroll_layer(apply, params, jnp.asarray(xs), carry, valid, reset_before, unroll, reverse)
 
     def body(c, inp):
         x, v, r = inp
@@ -125,11 +133,11 @@ def _one_dtype(params, carry, xs) -> bool:
     return len(dtypes) == 1 and jnp.issubdtype(dtypes.pop(), jnp.floating)
 
 
-def _unroll_layer(layer: Layer, params, xs, carry, valid, reset, unroll: int, reverse: bool):
-    """The fast path of :func:`unroll`: the cell's fused whole-sequence :class:`~jbptt.cells.Layer`."""
+def _unroll_layer(apply: Callable, params, xs, carry, valid, reset, unroll: int, reverse: bool):
+    """The fast path of :func:`unroll`: a whole-sequence function of the cell's :class:`~jbptt.cells.Layer`."""
     flip = (lambda a: None if a is None else jnp.flip(a, axis=0)) if reverse else (lambda a: a)
-    new_carry, ys = layer.apply(params, flip(time_major(xs)), carry, flip(valid), flip(reset),
-                                None if unroll == 1 else unroll)
+    new_carry, ys = apply(params, flip(time_major(xs)), carry, flip(valid), flip(reset),
+                          None if unroll == 1 else unroll)
     new_carry = jax.tree.map(lambda new, old: new.astype(old.dtype), new_carry, carry)
     return new_carry, time_major(flip(ys))
 

@@ -202,3 +202,71 @@ def test_vmap_over_parameter_sets(key):
 def test_unknown_method_is_one_clear_error():
     with pytest.raises(ValueError, match="unknown fused method"):
         cells.lstm(4, fused="cudnn")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Elman layer (custom VJP that stores only the carries).
+
+
+def _elman_problem(activation, dtype, key, masks):
+    plain = cells.elman(H, activation=activation, fused=None, dtype=dtype)
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(k2, a.shape, dtype), plain.init(k1, I))
+    xs = jax.random.normal(k3, (B, T, I), dtype)
+    carry = jax.random.normal(k4, (B, H), dtype)
+    extra = {"seq_lengths": jnp.array([T, 4, 7]), "resets": jax.random.bernoulli(k5, 0.25, (B, T))} if masks else {}
+    return plain, params, xs, carry, extra
+
+
+@pytest.mark.parametrize("activation", fast.ELMAN_ACTIVATIONS)
+@pytest.mark.parametrize("dtype,masks,reverse", [(jnp.float64, False, False), (jnp.float64, True, True),
+                                                 (jnp.float32, True, False)])
+def test_elman_layer_gradient_matches_plain_cell(activation, dtype, masks, reverse, key):
+    """fused="vjp" (the carry-only custom VJP) gives the per-step cell's loss and gradients w.r.t. params, inputs
+    and initial carry (float32 1e-5, float64 1e-10), with sequence lengths, resets and reverse."""
+    plain, params, xs, carry, extra = _elman_problem(activation, dtype, key, masks)
+    fused = cells.elman(H, activation=activation, fused="vjp", dtype=dtype)
+    default = cells.elman(H, activation=activation, dtype=dtype)
+    assert layer_of(fused).apply is not None and layer_of(default).apply is None and layer_of(plain) is None
+    _assert_close(_grads(fused, params, xs, carry, reverse, extra), _grads(plain, params, xs, carry, reverse, extra),
+                  TOL[dtype])
+
+
+@pytest.mark.parametrize("masks", [False, True])
+def test_elman_layer_with_readout_inside_the_loop(masks, key):
+    """elman_layer(readout=...) (used by with_readout in remat segments) equals the per-step readout cell."""
+    plain_core, core_params, xs, carry, extra = _elman_problem("tanh", jnp.float64, key, masks)
+    plain = cells.with_readout(plain_core, 2)
+    params = {"core": core_params, "readout": jax.tree.map(lambda a: a + 0.2, plain.init(key, I)["readout"])}
+    valid = None if not masks else (jnp.arange(T)[:, None] < extra["seq_lengths"][None, :])
+    reset = None if not masks else extra["resets"].T
+
+    def layer_loss(p, xs, carry):
+        final, ys = fast.elman_layer(p["core"], jnp.swapaxes(xs, 0, 1), carry, valid, reset, readout=p["readout"])
+        ys = jnp.swapaxes(ys, 0, 1)
+        w = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)  # as in _loss
+        return jnp.sum(w * jnp.tanh(ys)) + jnp.sum(jnp.sin(final))
+
+    got = jax.value_and_grad(layer_loss, argnums=(0, 1, 2))(params, xs, carry)
+    ref = _grads(plain, params, xs, carry, False, extra)
+    _assert_close(got, ref, 1e-10)
+
+
+def test_elman_layer_stores_one_carry_per_step(key):
+    """The point of the layer: its backward pass keeps the carries and nothing else. With a readout to one output,
+    the gradient's temp memory is the T stored carries plus the readout's [T, B, H] output cotangent (2 carry
+    sequences), against 3 for JAX's rule on the per-step cell (a tanh step keeps its input carry, its output and
+    1 - tanh^2)."""
+    Bm, Tm, Hm = 32, 256, 64
+    xs = jax.random.normal(key, (Bm, Tm, 2), jnp.float32)
+
+    def temp(core):
+        cell = cells.with_readout(core, 1)
+        params = cell.init(key, 2)
+        f = jax.jit(jax.grad(lambda p: jnp.sum(unroll(cell, p, xs)[1] ** 2)))
+        return f.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    carries = Tm * Bm * Hm * 4
+    fused, plain = temp(cells.elman(Hm, fused="vjp")), temp(cells.elman(Hm, fused=None))
+    assert plain > 2.9 * carries
+    assert fused < 2.2 * carries

@@ -135,21 +135,9 @@ def test_executor_under_vmap_and_scan_policies_under_jvp(key):
 # Counting cell evaluations in the compiled program.
 
 
-def _counting(cell, counter):
-    """Wraps a cell so that every evaluation of its step (in the compiled program) calls back to the host with
-    an argument that depends on the step's carry, so it cannot be hoisted or merged."""
-
-    def step(params, carry, x):
-        dep = jax.tree_util.tree_leaves(carry)[0].ravel()[0] + jnp.sum(x)
-        jax.debug.callback(lambda v: counter.__setitem__(0, counter[0] + 1), dep)
-        return cell.step(params, carry, x)
-
-    return cell._replace(step=step)
-
-
 def _count(cell, params, batch, scan):
     counter = [0]
-    counting = _counting(cell, counter)
+    counting = remat.counting_cell(cell, counter)
     f = jax.jit(jax.grad(lambda p: loss_and_outputs(counting, losses.mse, p, batch, scan=scan)[0]))
     jax.block_until_ready(f(params))
     jax.effects_barrier()
@@ -157,7 +145,7 @@ def _count(cell, params, batch, scan):
 
 
 def test_counted_evaluations_match_predictions(key):
-    cell = cells.with_readout(cells.elman(3, dtype=jnp.float64), 1)
+    cell = cells.with_readout(cells.elman(3, dtype=jnp.float64, fused=None), 1)  # per-step scan in every segment
     params = cell.init(key, 2)
     n = 29
     batch = Batch(jax.random.normal(key, (1, n, 2), jnp.float64), jnp.zeros((1, n, 1)))
@@ -330,7 +318,7 @@ def test_nonlinearity_policy_saves_memory_without_recomputing_matrix_products(ke
     """Inside sqrt segments, saving tanh outputs keeps 2 carries a step instead of 3, and the compiled program
     has no more dot ops than the policy-free one (only elementwise work is replayed)."""
     n = 64
-    cell = cells.with_readout(cells.elman(32, dtype=jnp.float32), 1)
+    cell = cells.with_readout(cells.elman(32, dtype=jnp.float32, fused=None), 1)  # scan the step (no layer)
     params = cell.init(key, 1)
     batch = Batch(jax.random.normal(key, (8, n, 1)), jnp.zeros((8, n, 1)))
 
@@ -378,3 +366,77 @@ def test_plan_budget_in_bytes_and_tiny_sequences(key):
         g0 = reference_gradient(cell, losses.mse, params, batch)[1]
         g = jax.grad(lambda p, s=scan, b=batch: loss_and_outputs(cell, losses.mse, p, b, scan=s)[0])(params)
         assert _max_err(g, g0) < 1e-10, n
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fused layers inside the segments (Elman: a custom VJP that stores only the carries, "alpha = 1").
+
+SEGMENTED = {"every_k": remat.every_k(4), "sqrt": remat.sqrt(), "nested": remat.nested(3, k=2),
+             "sqrt_nl": remat.sqrt("nonlinearities")}
+
+
+@pytest.mark.parametrize("readout", [False, True])
+def test_layer_segments_equal_plain_bptt(readout, key):
+    """Segmented schedules that run the Elman layer on their segments (with the readout inside its loop, or
+    without one; tanh and relu; seq_lengths, resets, reverse; gradients w.r.t. params, inputs and the initial
+    carry, and a loss on the final carry) equal plain BPTT of the per-step cell (float64, 1e-10)."""
+    from jbptt.unroll import unroll
+
+    batch = _batch(jax.random.key(7))
+    h0 = jax.random.normal(jax.random.key(8), (3, 5), jnp.float64)
+
+    def loss(p, xs, h0, cell, scan, reverse):
+        c, ys = unroll(cell, p, xs, h0, seq_lengths=batch.seq_lengths, resets=batch.resets, reverse=reverse,
+                       scan=scan)
+        return jnp.sum(jnp.tanh(ys) * jnp.cos(jnp.arange(ys.size).reshape(ys.shape))) + jnp.sum(jnp.sin(c))
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4, 5))
+    for activation in ("tanh", "relu"):
+        def build(fused, activation=activation):
+            core = cells.elman(5, activation=activation, dtype=jnp.float64, fused=fused)
+            return cells.with_readout(core, 2) if readout else core
+
+        cell, plain = build("remat"), build(None)
+        assert cells.layer_of(cell).segment is not None and cells.layer_of(cell).apply is None
+        params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(key, p.shape, p.dtype), plain.init(key, 3))
+        for reverse in (False, True):
+            ref = grad(params, batch.inputs, h0, plain, None, reverse)
+            for name, scan in SEGMENTED.items():
+                got = grad(params, batch.inputs, h0, cell, scan, reverse)
+                assert _max_err(got, ref) < 1e-10, (activation, reverse, name)
+
+
+def test_layer_segments_counted_evaluations(key):
+    """With the layer in the segments the counted evaluations equal evaluations(..., layer=True): the layer's
+    backward pass replays nothing, so a checkpoint policy adds no replay (unlike the per-step scan)."""
+    cell = cells.with_readout(cells.elman(3, dtype=jnp.float64), 1)
+    params = cell.init(key, 2)
+    n = 29
+    batch = Batch(jax.random.normal(key, (1, n, 2), jnp.float64), jnp.zeros((1, n, 1), jnp.float64))
+    cases = [("every_k", remat.every_k(5), {"k": 5}), ("sqrt", remat.sqrt(), {}),
+             ("sqrt", remat.sqrt("nonlinearities"), {"checkpoint_policy": "nonlinearities"}),
+             ("nested", remat.nested(3), {"levels": 3})]
+    for name, scan, kw in cases:
+        predicted = remat.evaluations(name, n, layer=True, **kw)
+        assert _count(cell, params, batch, scan) == predicted, (name, kw)
+    k = math.ceil(math.sqrt(n))  # 6: four checkpointed segments of 6 steps are recomputed, the last 5 are not
+    assert remat.evaluations("sqrt", n, layer=True) == remat.evaluations("sqrt", n) == n + k * (n // k)
+    assert remat.evaluations("sqrt", n, checkpoint_policy="nonlinearities") == 2 * n + k * (n // k)  # replays
+
+
+def test_layer_segments_keep_one_carry_per_step(key):
+    """sqrt with the Elman layer (readout inside the loop) keeps about T/k + k carries: the outer checkpoints and
+    one segment's carries, nothing per step beyond the carry, and less than sqrt over the per-step scan."""
+    n, Bm, Hm = 256, 16, 64
+    batch = Batch(jax.random.normal(key, (Bm, n, 2), jnp.float32), jnp.zeros((Bm, n, 1), jnp.float32))
+
+    def temp(fused, scan):
+        cell = cells.with_readout(cells.elman(Hm, fused=fused), 1)
+        return _temp_bytes(cell, cell.init(key, 2), batch, scan)
+
+    carry = Bm * Hm * 4
+    layer, scanned, plain = temp("remat", remat.sqrt()), temp(None, remat.sqrt()), temp(None, None)
+    k = math.ceil(math.sqrt(n))
+    fixed = 8 * n * Bm * 4  # [T, B, I + O]-sized inputs, targets, outputs and their transposes
+    assert layer <= (n // k + k + 4) * carry + fixed, (layer / carry)
+    assert layer < 0.8 * scanned < 0.1 * plain
