@@ -2,7 +2,9 @@
 
 For an Elman tanh cell and an LSTM (B=64, H=256, input size 2, one linear output: the shapes of the adding
 problem) and T in {256, 1024, 4096, 16384}, each policy of :mod:`jbptt.remat` is compiled as one jitted
-``value_and_grad`` of the BPTT loss and measured for
+``value_and_grad`` of the BPTT loss and measured for the following (cells ``tanh`` / ``lstm`` run their fused
+layer on the segments of ``sqrt`` / ``every_k`` / ``nested``; ``tanh_scan`` / ``lstm_scan`` scan the step
+everywhere, for comparison)
 
 * XLA temp memory, ``compiled.memory_analysis().temp_size_in_bytes`` (deterministic), vs the plain scan's;
 * cell evaluations per gradient, counted at run time by a ``jax.debug.callback`` in the step (its argument
@@ -58,19 +60,18 @@ def make_cell(name: str, hidden: int):
     return cells.with_readout(CELLS[name](hidden), O)
 
 
-def policies(T: int, alpha: float, plan_max_T: int, plan_units, only=None, layer: bool = False) -> dict:
-    """name -> (scan, predicted evaluations); ``only``: names to keep (``none`` is always kept); ``layer``: the cell
-    has a fused layer that the segmented policies run on their segments."""
+def policies(T: int, alpha: float, plan_max_T: int, plan_units, only=None) -> dict:
+    """name -> (scan, predicted evaluations); ``only``: names to keep (``none`` is always kept)."""
     nl = "nonlinearities"  # inner steps keep their carry + tanh/sigmoid outputs (remat.save_nonlinearity_outputs)
     makers = {
         "none": lambda: (None, T),
         "per_step": lambda: (remat.per_step(), remat.evaluations("per_step", T)),
         "per_step_nl": lambda: (remat.per_step(nl), remat.evaluations("per_step", T)),
-        "sqrt": lambda: (remat.sqrt(), remat.evaluations("sqrt", T, layer=layer)),
-        "sqrt_nl": lambda: (remat.sqrt(nl), remat.evaluations("sqrt", T, checkpoint_policy=nl, layer=layer)),
-        "nested3": lambda: (remat.nested(3), remat.evaluations("nested", T, levels=3, layer=layer)),
+        "sqrt": lambda: (remat.sqrt(), remat.evaluations("sqrt", T)),
+        "sqrt_nl": lambda: (remat.sqrt(nl), remat.evaluations("sqrt", T, checkpoint_policy=nl)),
+        "nested3": lambda: (remat.nested(3), remat.evaluations("nested", T, levels=3)),
         "nested3_nl": lambda: (remat.nested(3, policy=nl),
-                              remat.evaluations("nested", T, levels=3, checkpoint_policy=nl, layer=layer)),
+                              remat.evaluations("nested", T, levels=3, checkpoint_policy=nl)),
         "binomial10": lambda: (remat.binomial(10), remat.evaluations("binomial", T, slots=10)),
         "binomial32": lambda: (remat.binomial(32), remat.evaluations("binomial", T, slots=32)),
     }
@@ -122,8 +123,7 @@ def bench_one(cell_name: str, T: int, args) -> list[dict]:
     carry_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(carry))
     alpha = remat.residual_bytes(cell.step, params, carry, jnp.ones((B, I))) / carry_bytes
     t0 = time.perf_counter()
-    has_layer = cells.segment_fn(cells.layer_of(cell)) is not None
-    pols = policies(T, alpha, args.plan_max_T, args.plan_units, args.policies, layer=has_layer)
+    pols = policies(T, alpha, args.plan_max_T, args.plan_units, args.policies)
     plan_s = time.perf_counter() - t0
     compiled, rows = {}, []
     for name, (scan, predicted) in pols.items():

@@ -16,9 +16,13 @@ policy        what the gradient keeps                               cell evaluat
 ``plan``      carries + runs of full internal states (Gruslys DP)   the minimum within a memory budget
 ============  ====================================================  =====================================
 
-``every_k``, ``sqrt`` and ``nested`` take an optional checkpoint ``policy`` for the steps inside their segments;
-``"nonlinearities"`` (:func:`save_nonlinearity_outputs`) cuts a tanh step's residuals from 3 carries to 2 with no
-matrix product recomputed.
+``every_k``, ``sqrt`` and ``nested`` run a cell's fused whole-sequence layer (:class:`jbptt.cells.Layer`) on
+their innermost segments when the cell has one and no checkpoint ``policy`` is given: for an Elman cell that is
+:func:`jbptt.fast.elman_layer`, whose custom VJP stores one carry per step and recomputes nothing in its backward
+pass, so ``sqrt`` keeps about ``T/k + k`` carries at ``2T`` evaluations (JAX's own rule keeps 3 carries per tanh
+step). With a checkpoint ``policy`` they scan the cell's step with it; ``"nonlinearities"``
+(:func:`save_nonlinearity_outputs`) cuts a tanh step's residuals from 3 carries to 2 with no matrix product
+recomputed.
 
 ``none``, ``per_step``, ``every_k`` and ``nested`` are ``lax.scan`` + ``jax.checkpoint`` only, so they are
 safe under ``jit``, ``grad``, ``vmap`` and ``jvp``. ``binomial`` and ``plan`` run a :class:`Schedule` computed
@@ -211,7 +215,8 @@ def _segment_layer(apply, seg_lens: Sequence[int], params, xs, carry, valid, res
 
 def _with_layer_runner(scan: ScanFn, seg_lens_of: Callable[[int], list[int]]) -> ScanFn:
     """Gives a segmented scan the ``run_layer(apply, params, xs, carry, valid, reset, unroll)`` attribute that
-    :func:`jbptt.unroll.unroll` calls for cells with a fused :class:`~jbptt.cells.Layer` (same segments)."""
+    :func:`jbptt.unroll.unroll` calls for cells with a fused :class:`~jbptt.cells.Layer` (same segments). Only
+    schedules without a checkpoint policy get it: a policy asks for the per-step scan with that policy."""
 
     def run_layer(apply, params, xs, carry, valid, reset, unroll=None):
         del unroll  # the layer picks its own
@@ -239,6 +244,10 @@ def every_k(k: int | None = None, policy: str | Callable | None = None) -> ScanF
       policy: optional checkpoint policy for the steps inside a recomputed segment (as in :func:`per_step`,
         e.g. ``"nonlinearities"``): the segment then keeps each step's carry plus what the policy saves,
         instead of JAX's full residuals. Same evaluation count.
+
+    Without a ``policy``, a cell with a fused :class:`~jbptt.cells.Layer` (Elman, LSTM, GRU and their stacks and
+    readouts) runs it on each segment (see :func:`jbptt.unroll.unroll`); the Elman layer then stores only the
+    segment's carries.
     """
     if k is not None and k < 1:
         raise ValueError(f"every_k: k must be >= 1, got {k}")
@@ -250,7 +259,7 @@ def every_k(k: int | None = None, policy: str | Callable | None = None) -> ScanF
     def impl(body, init, xs, unroll):
         return _segment_scan(_checkpointed_step(body, pol), init, xs, seg_lens(_length(xs)), unroll)
 
-    return _with_layer_runner(_forward_only(impl), seg_lens)
+    return _forward_only(impl) if pol is not None else _with_layer_runner(_forward_only(impl), seg_lens)
 
 
 def sqrt(policy: str | Callable | None = None) -> ScanFn:
@@ -265,7 +274,8 @@ def nested(levels: int = 3, k: int | None = None, policy: str | Callable | None 
     Args:
       levels: number of levels ``d`` (1 = plain scan, 2 = :func:`every_k`).
       k: branching factor; default ``ceil(T^(1/d))``.
-      policy: optional checkpoint policy for the innermost steps (see :func:`every_k`).
+      policy: optional checkpoint policy for the innermost steps (see :func:`every_k`; without one a cell's
+        fused layer runs the innermost segments).
     """
     if levels < 1:
         raise ValueError(f"nested: levels must be >= 1, got {levels}")
@@ -277,7 +287,7 @@ def nested(levels: int = 3, k: int | None = None, policy: str | Callable | None 
     def impl(body, init, xs, unroll):
         return _segment_scan(_checkpointed_step(body, pol), init, xs, seg_lens(_length(xs)), unroll)
 
-    return _with_layer_runner(_forward_only(impl), seg_lens)
+    return _forward_only(impl) if pol is not None else _with_layer_runner(_forward_only(impl), seg_lens)
 
 
 def _segment_evaluations(T: int, seg_lens: Sequence[int]) -> int:
@@ -861,17 +871,16 @@ def evaluations(policy: str, T: int, **kwargs) -> int:
     """Predicted cell evaluations of one gradient through ``T`` steps under ``policy`` (forward included).
 
     ``kwargs`` are the policy's options (``k``, ``levels``, ``slots``, ``budget``/``alpha`` for ``plan``,
-    ``checkpoint_policy`` for ``every_k``/``sqrt``/``nested``, and ``layer=True`` when the cell's fused layer
-    runs the segments). With a ``checkpoint_policy`` the segmented policies also replay each step once in the
-    backward pass of its inner checkpoint (``+ T``), but only the part the policy did not save: with
-    ``"nonlinearities"`` elementwise ops, no matrix product (the compiled program has as many dot ops as without
-    the policy). A fused layer ignores the checkpoint policy (its own derivative rule decides what it keeps, and
-    its backward pass replays nothing)."""
+    ``checkpoint_policy`` for ``every_k``/``sqrt``/``nested``). With a ``checkpoint_policy`` the segmented
+    policies also replay each step once in the backward pass of its inner checkpoint (``+ T``), but only the
+    part the policy did not save: with ``"nonlinearities"`` elementwise ops, no matrix product (the compiled
+    program has as many dot ops as without the policy). A cell's fused layer on the segments (no checkpoint
+    policy) evaluates as many steps as the per-step scan: its backward pass replays nothing."""
     if policy == "none":
         return T
     if policy == "per_step":
         return 2 * T
-    replay = T if kwargs.get("checkpoint_policy") is not None and not kwargs.get("layer") else 0
+    replay = T if kwargs.get("checkpoint_policy") is not None else 0
     if policy in ("every_k", "sqrt"):
         k = kwargs.get("k") or math.ceil(math.sqrt(T))
         return _segment_evaluations(T, [k, 1]) + replay

@@ -371,8 +371,7 @@ def test_plan_budget_in_bytes_and_tiny_sequences(key):
 # ------------------------------------------------------------------------------------------------------------
 # Fused layers inside the segments (Elman: a custom VJP that stores only the carries, "alpha = 1").
 
-SEGMENTED = {"every_k": remat.every_k(4), "sqrt": remat.sqrt(), "nested": remat.nested(3, k=2),
-             "sqrt_nl": remat.sqrt("nonlinearities")}
+SEGMENTED = {"every_k": remat.every_k(4), "sqrt": remat.sqrt(), "nested": remat.nested(3, k=2)}
 
 
 @pytest.mark.parametrize("readout", [False, True])
@@ -407,21 +406,20 @@ def test_layer_segments_equal_plain_bptt(readout, key):
 
 
 def test_layer_segments_counted_evaluations(key):
-    """With the layer in the segments the counted evaluations equal evaluations(..., layer=True): the layer's
-    backward pass replays nothing, so a checkpoint policy adds no replay (unlike the per-step scan)."""
+    """With the layer on the segments the counted evaluations equal the per-step scan's prediction (the layer's
+    backward pass replays nothing); a checkpoint policy selects the per-step scan, whose replay is counted."""
     cell = cells.with_readout(cells.elman(3, dtype=jnp.float64), 1)
     params = cell.init(key, 2)
     n = 29
     batch = Batch(jax.random.normal(key, (1, n, 2), jnp.float64), jnp.zeros((1, n, 1), jnp.float64))
+    assert hasattr(remat.sqrt(), "run_layer") and not hasattr(remat.sqrt("nonlinearities"), "run_layer")
     cases = [("every_k", remat.every_k(5), {"k": 5}), ("sqrt", remat.sqrt(), {}),
              ("sqrt", remat.sqrt("nonlinearities"), {"checkpoint_policy": "nonlinearities"}),
              ("nested", remat.nested(3), {"levels": 3})]
     for name, scan, kw in cases:
-        predicted = remat.evaluations(name, n, layer=True, **kw)
-        assert _count(cell, params, batch, scan) == predicted, (name, kw)
+        assert _count(cell, params, batch, scan) == remat.evaluations(name, n, **kw), (name, kw)
     k = math.ceil(math.sqrt(n))  # 6: four checkpointed segments of 6 steps are recomputed, the last 5 are not
-    assert remat.evaluations("sqrt", n, layer=True) == remat.evaluations("sqrt", n) == n + k * (n // k)
-    assert remat.evaluations("sqrt", n, checkpoint_policy="nonlinearities") == 2 * n + k * (n // k)  # replays
+    assert remat.evaluations("sqrt", n) == n + k * (n // k)
 
 
 def test_layer_segments_keep_one_carry_per_step(key):
