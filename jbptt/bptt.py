@@ -20,19 +20,20 @@ __all__ = ["Batch", "BPTTState", "GradientEstimator", "bptt", "loss_and_outputs"
 
 
 def loss_and_outputs(cell: Cell, loss_fn: LossFn, params, batch: Batch, carry=None, *, unroll_steps: int = 1,
-                     scan: ScanFn | None = None):
+                     scan: ScanFn | None = None, reverse_mode_only: bool = False):
     """Unrolls ``cell`` over ``batch`` and returns ``(loss, (final_carry, ys))``.
 
     Args:
       carry: initial carry (default: ``cell.initial_carry(params, (B,))``, so a learned initial carry is trained).
       unroll_steps: ``lax.scan`` unroll factor.
       scan: replacement for ``lax.scan`` (see :mod:`jbptt.remat`).
+      reverse_mode_only: passed to :func:`jbptt.unroll.unroll` (faster fused layers; no ``jax.jvp`` through it).
 
     Returns:
       ``loss`` (scalar weighted mean per-step loss), ``final_carry`` and ``ys: [B, T, O]``.
     """
     final, ys = unroll(cell, params, batch.inputs, carry, seq_lengths=batch.seq_lengths, resets=batch.resets,
-                       unroll=unroll_steps, scan=scan)
+                       unroll=unroll_steps, scan=scan, reverse_mode_only=reverse_mode_only)
     return sequence_loss(loss_fn, ys, batch.targets, batch.weights(ys.dtype)), (final, ys)
 
 
@@ -62,7 +63,9 @@ def bptt(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, unroll_steps: i
       scan: replacement for ``lax.scan``, e.g. a checkpointing schedule from :mod:`jbptt.remat`.
 
     Returns:
-      A :class:`GradientEstimator` whose ``update`` returns the exact gradient of the segment's loss.
+      A :class:`GradientEstimator` whose ``update`` returns the exact gradient of the segment's loss. ``update``
+      differentiates in reverse mode only, so it unrolls with ``reverse_mode_only=True`` (an LSTM runs its
+      hand-written VJP layer); forward-mode derivatives *of* ``update`` are not supported for such cells.
     """
 
     def init(params, carry):
@@ -73,7 +76,8 @@ def bptt(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, unroll_steps: i
         B, _ = batch_and_time(batch.inputs)
         carry = lax.stop_gradient(state.carry) if stateful else cell.initial_carry(params, (B,))
         (loss, (final, _)), grads = jax.value_and_grad(
-            lambda p: loss_and_outputs(cell, loss_fn, p, batch, carry, unroll_steps=unroll_steps, scan=scan),
+            lambda p: loss_and_outputs(cell, loss_fn, p, batch, carry, unroll_steps=unroll_steps, scan=scan,
+                                       reverse_mode_only=True),
             has_aux=True)(params)
         return loss, grads, BPTTState(final if stateful else state.carry)
 

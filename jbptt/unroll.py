@@ -51,7 +51,7 @@ def sequence_mask(seq_lengths, T: int):
 
 
 def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None, unroll: int = 1,
-           reverse: bool = False, scan: ScanFn | None = None):
+           reverse: bool = False, scan: ScanFn | None = None, reverse_mode_only: bool = False):
     """Runs ``cell`` over the time axis of ``xs``.
 
     Args:
@@ -71,6 +71,9 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
         padded steps come first and leave the carry untouched, so each sequence starts at its own last step.
       scan: a drop-in replacement for ``lax.scan`` (``scan(body, init, xs, reverse=, unroll=)``), e.g. a
         rematerialising schedule from :mod:`jbptt.remat`.
+      reverse_mode_only: promise that the result is only differentiated in reverse mode (``grad``/``vjp``), which
+        lets a cell's layer use its faster ``apply_reverse`` variant (the LSTM's hand-written VJP); ``jax.jvp``
+        through such an unroll raises. The BPTT estimator sets it.
 
     Returns:
       ``(final_carry, ys)`` with ``ys: [B, T, output_size]``.
@@ -102,8 +105,9 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
         fresh = cell.initial_carry(params, (B,))
 
     if layer is not None and _one_dtype(params, carry, xs):
-        if scan is None and layer.apply is not None:
-            return _unroll_layer(layer.apply, params, jnp.asarray(xs), carry, valid, reset_before, unroll, reverse)
+        apply = layer.apply_reverse if reverse_mode_only and layer.apply_reverse is not None else layer.apply
+        if scan is None and apply is not None:
+            return _unroll_layer(apply, params, jnp.asarray(xs), carry, valid, reset_before, unroll, reverse)
         run_layer, seg = getattr(scan, "run_layer", None), segment_fn(layer)
         if run_layer is not None and seg is not None:
             apply = partial(run_layer, seg)

@@ -270,3 +270,46 @@ def test_elman_layer_stores_one_carry_per_step(key):
     fused, plain = temp(cells.elman(Hm, fused="vjp")), temp(cells.elman(Hm, fused=None))
     assert plain > 2.9 * carries
     assert fused < 2.2 * carries
+
+
+def test_bptt_estimator_runs_the_reverse_mode_layer(key, monkeypatch):
+    """The BPTT estimator unrolls with reverse_mode_only=True: a default LSTM (and stacks / readouts of it) then
+    runs the hand-written VJP layer, with the plain cell's gradient (float64, 1e-10, lengths and resets); a plain
+    unroll keeps the custom-JVP layer, so jax.jvp through it still works."""
+    from jbptt.bptt import bptt, loss_and_outputs, reference_gradient
+    from jbptt.estimator import Batch
+
+    methods, lstm_layer = [], fast.lstm_layer
+
+    def recording(*args, method, **kw):
+        methods.append(method)
+        return lstm_layer(*args, method=method, **kw)
+
+    monkeypatch.setattr(fast, "lstm_layer", recording)  # cells built below capture it
+
+    def check(cell, plain):
+        assert layer_of(cell).apply_reverse is not None and layer_of(plain) is None
+        params = jax.tree.map(lambda a: a + 0.1, plain.init(key, I))
+        _, _, xs, _, extra = _random_problem("lstm", jnp.float64, key, masks=True)
+        batch = Batch(xs, jnp.sin(jnp.arange(B * T * 2.0)).reshape(B, T, 2), seq_lengths=extra["seq_lengths"],
+                      resets=extra["resets"])
+        est = bptt(cell, losses.mse)
+
+        def update(p):
+            return est.update(p, est.init(p, None), batch)[:2]
+
+        def forward_jaxpr(flag):
+            loss = lambda p: loss_and_outputs(cell, losses.mse, p, batch, reverse_mode_only=flag)[0]
+            return str(jax.make_jaxpr(loss)(params))
+
+        assert "custom_vjp_call" in forward_jaxpr(True) and "custom_vjp_call" not in forward_jaxpr(False)
+        methods.clear()
+        jax.make_jaxpr(update)(params)
+        assert methods == ["vjp"]  # the estimator's gradient runs the custom-VJP LSTM layer
+        _assert_close(jax.jit(update)(params), reference_gradient(plain, losses.mse, params, batch), 1e-10)
+
+    single = lambda f: cells.with_readout(cells.lstm(H, fused=f, dtype=jnp.float64), 2)
+    stacked = lambda f: cells.with_readout(cells.stack([cells.gru(H, fused=f, dtype=jnp.float64),
+                                                        cells.lstm(H, fused=f, dtype=jnp.float64)]), 2)
+    for build in (single, stacked):
+        check(build("jvp"), build(None))
