@@ -24,13 +24,14 @@ step). With a checkpoint ``policy`` they scan the cell's step with it; ``"nonlin
 (:func:`save_nonlinearity_outputs`) cuts a tanh step's residuals from 3 carries to 2 with no matrix product
 recomputed.
 
-``none``, ``per_step``, ``every_k`` and ``nested`` are ``lax.scan`` + ``jax.checkpoint`` only, so they are
-safe under ``jit``, ``grad``, ``vmap`` and ``jvp``. ``binomial`` and ``plan`` run a :class:`Schedule` computed
-in Python before tracing, with a ``jax.custom_vjp`` executor whose compiled size does not grow with ``T``: the
-forward pass is one ``lax.scan`` storing the schedule's carries (and the last run's residuals); the backward
-pass is a ``lax.while_loop`` over the schedule's actions (restore a carry, advance ``n`` steps, snapshot,
-reverse a run of ``L`` steps with JAX's own residuals: one ``lax.switch`` branch per distinct run length).
-They are safe under ``jit``, ``grad`` and ``vmap``, not forward mode (as any ``custom_vjp``).
+``none``, ``per_step``, ``every_k`` and ``nested`` are ``lax.scan`` + ``jax.checkpoint`` only, so they are safe
+under ``jit``, ``grad``, ``vmap`` and ``jvp`` (forward mode not through the Elman layer on the segments, a
+``custom_vjp``: use ``cells.elman(..., fused=None)`` for that). ``binomial`` and ``plan`` run a :class:`Schedule`
+computed in Python before tracing, with a ``jax.custom_vjp`` executor whose compiled size does not grow with ``T``:
+the forward pass is one ``lax.scan`` storing the schedule's carries (and the last run's residuals); the backward
+pass is a ``lax.while_loop`` over the schedule's actions (restore a carry, advance ``n`` steps, snapshot, reverse a
+run of ``L`` steps with JAX's own residuals: one ``lax.switch`` branch per distinct run length). They are safe under
+``jit``, ``grad`` and ``vmap``, not forward mode (as any ``custom_vjp``).
 
 Cost model (used by the DP, checked by counting evaluations in the compiled program): memory is counted in
 carry units; the executor keeps a fixed buffer of ``slots`` carries and the residuals of one run at a time, so
@@ -164,53 +165,41 @@ def per_step(policy: str | Callable | None = None) -> ScanFn:
     return scan
 
 
-def _segment_scan(body, init, xs, seg_lens: Sequence[int], unroll: int):
-    """Scan whose steps are grouped: ``seg_lens[0]`` is the outermost segment length (checkpointed segments),
-    the last entry the innermost plain scan. A remainder that does not fill a segment is run at the next level
-    down without its own checkpoint."""
+def _segmented(run, carry, xs, seg_lens: Sequence[int]):
+    """Runs ``run(carry, xs) -> (carry, ys)`` over time-major ``xs`` in checkpointed segments: ``seg_lens[0]`` is
+    the outermost segment length, the last entry the innermost level, which ``run`` executes. A remainder that does
+    not fill a segment is run at the next level down without its own checkpoint."""
     T = _length(xs)
     if len(seg_lens) <= 1 or T <= 1:
-        return lax.scan(body, init, xs, unroll=unroll)
+        return run(carry, xs)
     k, inner = seg_lens[0], seg_lens[1:]
     n = T // k
     if n == 0:
-        return _segment_scan(body, init, xs, inner, unroll)
+        return _segmented(run, carry, xs, inner)
 
     def segment(c, xseg):
-        return _segment_scan(body, c, xseg, inner, unroll)
+        return _segmented(run, c, xseg, inner)
 
     main = jax.tree.map(lambda a: a[:n * k].reshape((n, k) + a.shape[1:]), xs)
-    carry, ys = lax.scan(jax.checkpoint(segment, prevent_cse=False), init, main)
+    carry, ys = lax.scan(jax.checkpoint(segment, prevent_cse=False), carry, main)
     ys = jax.tree.map(lambda a: a.reshape((n * k,) + a.shape[2:]), ys)
     if n * k == T:
         return carry, ys
-    carry, ys_rem = _segment_scan(body, carry, _slice(xs, n * k, T), inner, unroll)
+    carry, ys_rem = _segmented(run, carry, _slice(xs, n * k, T), inner)
     return carry, _concat([ys, ys_rem])
 
 
+def _segment_scan(body, init, xs, seg_lens: Sequence[int], unroll: int):
+    """:func:`_segmented` with a per-step ``lax.scan`` of ``body`` at the innermost level."""
+    return _segmented(lambda c, x: lax.scan(body, c, x, unroll=unroll), init, xs, seg_lens)
+
+
 def _segment_layer(apply, seg_lens: Sequence[int], params, xs, carry, valid, reset):
-    """:func:`_segment_scan` for a whole-sequence function ``apply(params, xs, carry, valid, reset, unroll)`` (a
-    cell's :class:`~jbptt.cells.Layer`): the innermost segments run ``apply`` instead of a per-step scan, so a
-    recomputed segment keeps what ``apply``'s own derivative rule stores (the Elman layer: its carries only)."""
-    T = int(xs.shape[0])
-    if len(seg_lens) <= 1 or T <= 1:
-        return apply(params, xs, carry, valid, reset, None)
-    k, inner = seg_lens[0], seg_lens[1:]
-    n = T // k
-    if n == 0:
-        return _segment_layer(apply, inner, params, xs, carry, valid, reset)
-
-    def segment(c, seg):
-        return _segment_layer(apply, inner, params, seg[0], c, seg[1], seg[2])
-
-    main = jax.tree.map(lambda a: a[:n * k].reshape((n, k) + a.shape[1:]), (xs, valid, reset))
-    carry, ys = lax.scan(jax.checkpoint(segment, prevent_cse=False), carry, main)
-    ys = ys.reshape((n * k,) + ys.shape[2:])
-    if n * k == T:
-        return carry, ys
-    rest = jax.tree.map(lambda a: a[n * k:], (xs, valid, reset))
-    carry, ys_rem = _segment_layer(apply, inner, params, rest[0], carry, rest[1], rest[2])
-    return carry, jnp.concatenate([ys, ys_rem], axis=0)
+    """:func:`_segmented` with a whole-sequence function ``apply(params, xs, carry, valid, reset, unroll)`` (a
+    cell's :class:`~jbptt.cells.Layer`) at the innermost level, so a recomputed segment keeps what ``apply``'s own
+    derivative rule stores (the Elman layer: its carries only)."""
+    run = lambda c, inp: apply(params, inp[0], c, inp[1], inp[2], None)
+    return _segmented(run, carry, (xs, valid, reset), seg_lens)
 
 
 def _with_layer_runner(scan: ScanFn, seg_lens_of: Callable[[int], list[int]]) -> ScanFn:
@@ -863,7 +852,8 @@ def counting_cell(cell: Cell, counter: list) -> Cell:
 
     layer = layer_of(cell)
     if layer is not None:
-        layer = Layer(step, wrap(layer.apply), wrap(layer.segment), wrap_readout(layer.segment_readout))
+        layer = Layer(step, wrap(layer.apply), wrap(layer.segment), wrap_readout(layer.segment_readout),
+                      wrap(layer.apply_reverse))
     return cell._replace(step=step, layer=layer)
 
 

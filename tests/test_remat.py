@@ -405,6 +405,20 @@ def test_layer_segments_equal_plain_bptt(readout, key):
                 assert _max_err(got, ref) < 1e-10, (activation, reverse, name)
 
 
+def test_layer_segments_under_vmap(key):
+    """Per-example gradients (vmap of grad) through sqrt with the Elman layer equal plain BPTT's (1e-10)."""
+    cell, plain = (cells.with_readout(cells.elman(4, dtype=jnp.float64, fused=f), 1) for f in ("remat", None))
+    params = cell.init(key, 2)
+    x = jax.random.normal(jax.random.key(1), (3, 1, 11, 2), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (3, 1, 11, 1), jnp.float64)
+
+    def per_example(c, scan):
+        loss = lambda p, x, y: loss_and_outputs(c, losses.mse, p, Batch(x, y), scan=scan)[0]
+        return jax.vmap(jax.grad(loss), (None, 0, 0))(params, x, y)
+
+    assert _max_err(per_example(cell, remat.sqrt()), per_example(plain, None)) < 1e-10
+
+
 def test_layer_segments_counted_evaluations(key):
     """With the layer on the segments the counted evaluations equal the per-step scan's prediction (the layer's
     backward pass replays nothing); a checkpoint policy selects the per-step scan, whose replay is counted."""
