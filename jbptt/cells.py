@@ -72,10 +72,12 @@ class Layer(NamedTuple):
       segment_readout: optional ``f(params, readout_params, xs, carry, valid, reset, unroll) -> (carry, ys)``:
         ``segment`` followed by :func:`with_readout`'s linear readout (``readout_params = {"w": [H, O], "b":
         [O]}``) of every step, computed inside the layer's loops so that its backward pass never holds the
-        ``[T, B, H]`` cotangent of the outputs. :func:`with_readout` uses it for its ``segment`` when present.
+        ``[T, B, H]`` cotangent of the outputs. :func:`with_readout` uses it for its ``segment``, and for its
+        ``apply_reverse`` when the core's ``apply_reverse`` is its ``segment`` (the Elman layer).
       apply_reverse: optional faster variant of ``apply`` that supports reverse-mode differentiation only (a
         ``custom_vjp``; ``jax.jvp`` of it raises). :func:`~jbptt.unroll.unroll` uses it when called with
-        ``reverse_mode_only=True``, as the BPTT estimator does (the LSTM's hand-written VJP layer).
+        ``reverse_mode_only=True``, as the BPTT estimator does (the LSTM's hand-written VJP layer, the Elman
+        layer).
     """
 
     step: Callable
@@ -182,7 +184,7 @@ def _activation(name: str) -> Callable:
 
 
 def elman(hidden: int, *, activation: str = "tanh", recurrent_init="orthogonal", input_init="lecun",
-          recurrent_scale: float = 1.0, dtype=jnp.float32, fused: str | None = "remat") -> Cell:
+          recurrent_scale: float = 1.0, dtype=jnp.float32, fused: str | None = "reverse") -> Cell:
     """Elman RNN: ``h' = act(x W_x + h W_h + b)``; ``y = h'``.
 
     ``activation="relu", recurrent_init="identity"`` gives the IRNN of Le et al. (2015).
@@ -193,11 +195,12 @@ def elman(hidden: int, *, activation: str = "tanh", recurrent_init="orthogonal",
       recurrent_init / input_init: initialiser names (see ``INITIALIZERS``) or callables.
       recurrent_scale: multiplies the initial recurrent matrix (e.g. ``a`` for ``a * I``).
       fused: where the whole-sequence layer :func:`jbptt.fast.elman_layer` (a custom VJP that stores only the
-        carries) replaces the per-step scan. ``"remat"`` (default): inside the segments of the segmented remat
-        schedules (:func:`jbptt.remat.every_k`, ``sqrt``, ``nested``) only, where it cuts a segment's memory to
-        one carry per step; a plain :func:`~jbptt.unroll.unroll` scans ``step`` (so ``jax.jvp`` works through
-        it). ``"vjp"``: also in a plain unroll (one carry per step instead of JAX's three; reverse mode only).
-        ``None``: never.
+        carries, one per step instead of JAX's three for tanh) replaces the per-step scan. ``"reverse"`` (default):
+        wherever only reverse-mode derivatives are taken — the segments of the segmented remat schedules
+        (:func:`jbptt.remat.every_k`, ``sqrt``, ``nested``) and ``unroll(..., reverse_mode_only=True)``, which the
+        BPTT estimator uses (with :func:`with_readout` the readout then runs inside the layer's loops); a plain
+        :func:`~jbptt.unroll.unroll` scans ``step``, so ``jax.jvp`` works through it. ``"vjp"``: every unroll
+        (reverse mode only). ``None``: never.
 
     Returns:
       A :class:`Cell` with params ``{"w_x": [I, H], "w_h": [H, H], "b": [H]}``, carry ``[*batch, H]``.
@@ -215,8 +218,8 @@ def elman(hidden: int, *, activation: str = "tanh", recurrent_init="orthogonal",
         h = act(x @ params["w_x"] + h @ params["w_h"] + params["b"])
         return h, h
 
-    if fused not in (None, "remat", "vjp"):
-        raise ValueError(f"elman: fused must be None, 'remat' or 'vjp', got {fused!r}")
+    if fused not in (None, "reverse", "vjp"):
+        raise ValueError(f"elman: fused must be None, 'reverse' or 'vjp', got {fused!r}")
     layer = None
     if fused is not None:
         def apply(params, xs, carry, valid, reset, unroll):
@@ -226,7 +229,7 @@ def elman(hidden: int, *, activation: str = "tanh", recurrent_init="orthogonal",
             return fast.elman_layer(params, xs, carry, valid, reset, activation=activation, readout=readout,
                                     unroll=unroll)
 
-        layer = Layer(step, apply if fused == "vjp" else None, apply, apply_readout)
+        layer = Layer(step, apply if fused == "vjp" else None, apply, apply_readout, apply_reverse=apply)
     return Cell(init, _zeros_carry(hidden), step, hidden, hidden, layer)
 
 
@@ -585,12 +588,15 @@ def with_readout(cell: Cell, output_size: int, *, init=lecun) -> Cell:
 
     core_layer, layer = layer_of(cell), None
     if core_layer is not None:
-        segment = read_out(segment_fn(core_layer))
+        core_segment = segment_fn(core_layer)
+        segment, reverse = read_out(core_segment), read_out(core_layer.apply_reverse)
         if core_layer.segment_readout is not None:
-            def segment(params, xs, carry, valid, reset, unroll):
+            def segment(params, xs, carry, valid, reset, unroll):  # the readout inside the core's loops
                 return core_layer.segment_readout(params["core"], params["readout"], xs, carry, valid, reset, unroll)
 
-        layer = Layer(step, read_out(core_layer.apply), segment, apply_reverse=read_out(core_layer.apply_reverse))
+            if core_layer.apply_reverse is core_segment:
+                reverse = segment
+        layer = Layer(step, read_out(core_layer.apply), segment, apply_reverse=reverse)
     return Cell(init_fn, initial_carry, step, cell.hidden_size, output_size, layer)
 
 

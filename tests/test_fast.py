@@ -313,3 +313,34 @@ def test_bptt_estimator_runs_the_reverse_mode_layer(key, monkeypatch):
                                                         cells.lstm(H, fused=f, dtype=jnp.float64)]), 2)
     for build in (single, stacked):
         check(build("jvp"), build(None))
+
+
+def test_bptt_estimator_runs_the_elman_layer_with_the_readout_in_its_loop(key):
+    """A default Elman cell under the BPTT estimator runs the carry-only layer with with_readout's readout inside
+    its loops: the plain cell's gradient (float64, 1e-10; lengths, resets, a stateful carry) at about one stored
+    carry per step (JAX's rule on the per-step cell keeps three)."""
+    from jbptt.bptt import bptt, reference_gradient
+    from jbptt.estimator import Batch
+
+    cell, plain = (cells.with_readout(cells.elman(H, dtype=jnp.float64, fused=f), 2) for f in ("reverse", None))
+    assert layer_of(cell).apply is None and layer_of(cell).apply_reverse is not None
+    params = jax.tree.map(lambda a: a + 0.1, plain.init(key, I))
+    _, _, xs, carry, extra = _elman_problem("tanh", jnp.float64, key, masks=True)
+    batch = Batch(xs, jnp.sin(jnp.arange(B * T * 2.0)).reshape(B, T, 2), seq_lengths=extra["seq_lengths"],
+                  resets=extra["resets"])
+    est = bptt(cell, losses.mse, stateful=True)
+    got = jax.jit(lambda p: est.update(p, est.init(p, carry), batch)[:2])(params)
+    _assert_close(got, reference_gradient(plain, losses.mse, params, batch, carry), 1e-10)
+
+    Bm, Tm, Hm = 32, 256, 64
+    big = Batch(jax.random.normal(key, (Bm, Tm, 2), jnp.float32), jnp.zeros((Bm, Tm, 1), jnp.float32))
+
+    def temp(fused):
+        c = cells.with_readout(cells.elman(Hm, fused=fused), 1)
+        e, p = bptt(c, losses.mse), c.init(key, 2)
+        f = jax.jit(lambda p: e.update(p, e.init(p, None), big)[:2])
+        return f.lower(p).compile().memory_analysis().temp_size_in_bytes
+
+    carries = Tm * Bm * Hm * 4
+    assert temp(None) > 2.9 * carries
+    assert temp("reverse") < 1.3 * carries

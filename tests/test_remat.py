@@ -395,7 +395,7 @@ def test_layer_segments_equal_plain_bptt(readout, key):
             core = cells.elman(5, activation=activation, dtype=jnp.float64, fused=fused)
             return cells.with_readout(core, 2) if readout else core
 
-        cell, plain = build("remat"), build(None)
+        cell, plain = build("reverse"), build(None)
         assert cells.layer_of(cell).segment is not None and cells.layer_of(cell).apply is None
         params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(key, p.shape, p.dtype), plain.init(key, 3))
         for reverse in (False, True):
@@ -407,7 +407,7 @@ def test_layer_segments_equal_plain_bptt(readout, key):
 
 def test_layer_segments_under_vmap(key):
     """Per-example gradients (vmap of grad) through sqrt with the Elman layer equal plain BPTT's (1e-10)."""
-    cell, plain = (cells.with_readout(cells.elman(4, dtype=jnp.float64, fused=f), 1) for f in ("remat", None))
+    cell, plain = (cells.with_readout(cells.elman(4, dtype=jnp.float64, fused=f), 1) for f in ("reverse", None))
     params = cell.init(key, 2)
     x = jax.random.normal(jax.random.key(1), (3, 1, 11, 2), jnp.float64)
     y = jax.random.normal(jax.random.key(2), (3, 1, 11, 1), jnp.float64)
@@ -447,7 +447,7 @@ def test_layer_segments_keep_one_carry_per_step(key):
         return _temp_bytes(cell, cell.init(key, 2), batch, scan)
 
     carry = Bm * Hm * 4
-    layer, scanned, plain = temp("remat", remat.sqrt()), temp(None, remat.sqrt()), temp(None, None)
+    layer, scanned, plain = temp("reverse", remat.sqrt()), temp(None, remat.sqrt()), temp(None, None)
     k = math.ceil(math.sqrt(n))
     fixed = 8 * n * Bm * 4  # [T, B, I + O]-sized inputs, targets, outputs and their transposes
     assert layer <= (n // k + k + 4) * carry + fixed, (layer / carry)
