@@ -25,11 +25,11 @@ frontier) to ``--out``, atomically.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
 import statistics
-import tempfile
 import time
 
 import jax
@@ -39,6 +39,7 @@ import optax
 
 from jbptt import cells, losses, remat
 from jbptt.bptt import loss_and_outputs
+from jbptt.checkpoint import atomic_write
 from jbptt.estimator import Batch
 
 B, H, I, O = 64, 256, 2, 1
@@ -105,14 +106,6 @@ def count_evaluations(cell_name: str, T: int, scan) -> int:
         jax.block_until_ready(grad_fn(counting, batch, scan)(params))
         jax.effects_barrier()
     return counter[0]
-
-
-def atomic_write(path: str, data: str | bytes):
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
-    with os.fdopen(fd, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def bench_one(cell_name: str, T: int, args) -> list[dict]:
@@ -235,10 +228,10 @@ def plot(rows, path):
         ax.set_title(f"{cname}, B={B}, H={H}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
 
 
 def main(argv=None):

@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 
@@ -67,6 +66,7 @@ def main(argv=None):
 
     import jbptt
     from jbptt import cells, losses, parallel
+    from jbptt.checkpoint import atomic_write
 
     devices = jax.devices()
     limit = min(len(devices), args.devices or len(devices))
@@ -135,7 +135,7 @@ def main(argv=None):
               "note": ("forced CPU host devices share the machine's cores: no speed-up is expected, this is a "
                        "smoke test") if devices[0].platform == "cpu" else ""}
     if args.json:
-        write_json(args.json, result)
+        atomic_write(args.json, json.dumps(result, indent=2))
     return result
 
 
@@ -151,15 +151,6 @@ def table(rows, counts) -> str:
                 cells.append("-" if r is None else f"{r['steps_per_s']:.1f} steps/s (x{r['ratio_vs_1']:.2f})")
             lines.append(f"| {scaling} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_json(path, obj):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -44,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jbptt  # noqa: E402
 from jbptt import cells, losses  # noqa: E402
+from jbptt.checkpoint import atomic_write  # noqa: E402
 
 FUSED = {"fast": "jvp", "vjp": "vjp", "hoist": "hoist", "plain": None}
 ALL_IMPLS = ("fast", "vjp", "hoist", "plain", "flax", "torch")
@@ -198,13 +198,8 @@ def print_table(rows, rate: float):
 
 
 def write_json(path: str, obj) -> None:
-    """Writes ``obj`` as JSON atomically (temporary file + rename)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    """Writes ``obj`` as JSON atomically (:func:`jbptt.checkpoint.atomic_write`)."""
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def parse_args(argv=None):
