@@ -21,7 +21,7 @@ def compile_once(T: int) -> float:
     """Seconds to lower and compile the jitted BPTT update of an LSTM for sequences of length T."""
     cell = cells.with_readout(cells.lstm(64), 1)
     params = cell.init(jax.random.key(0), 8)
-    est = jbptt.bptt.bptt(cell, losses.mse)
+    est = jbptt.estimators.bptt.bptt(cell, losses.mse)
     batch = jbptt.Batch(jnp.zeros((16, T, 8)), jnp.zeros((16, T, 1)))
     # a fresh function object each time so nothing is served from the compilation cache
     update = jax.jit(lambda p, s, b: est.update(p, s, b))

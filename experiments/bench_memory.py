@@ -38,9 +38,9 @@ import numpy as np
 import optax
 
 from jbptt import cells, losses, remat
-from jbptt.bptt import loss_and_outputs
+from jbptt.batch import Batch
 from jbptt.checkpoint import atomic_write
-from jbptt.estimator import Batch
+from jbptt.estimators.bptt import loss_and_outputs
 
 B, H, I, O = 64, 256, 2, 1
 _SCANS: dict = {}  # (cell, T, policy) -> scan, for the training run
@@ -51,7 +51,7 @@ CELLS = {
     "tanh": lambda hidden: cells.elman(hidden),
     # the same cell scanned step by step everywhere (the schedules' generic path)
     "tanh_scan": lambda hidden: cells.elman(hidden, fused=None),
-    # LSTM; the plain scan and the segments run the fused layer (jbptt.fast, method "jvp")
+    # LSTM; the plain scan and the segments run the fused layer (jbptt.fused, method "jvp")
     "lstm": lambda hidden: cells.lstm(hidden),
     "lstm_scan": lambda hidden: cells.lstm(hidden, fused=None),
 }

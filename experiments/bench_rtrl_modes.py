@@ -12,7 +12,7 @@ import json
 import jax.numpy as jnp
 
 from jbptt.cells import elman, with_readout
-from jbptt.compare import EstimatorSpec, measure_point
+from jbptt.experiment.compare import EstimatorSpec, measure_point
 
 SPECS = [EstimatorSpec("rtrl", "jacobian", {"mode": "jacobian"}), EstimatorSpec("rtrl", "jvp", {"mode": "jvp"}),
          EstimatorSpec("bptt", "bptt")]

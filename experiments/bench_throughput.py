@@ -7,7 +7,7 @@ steps. Also reported: the matrix-product FLOPs of the step (forward + backward =
 achieved GFLOP/s next to the rate XLA reaches on one large matrix product on this machine.
 
 Implementations (``--impls``):
-  fast    jbptt, the default cell through the BPTT estimator (fused whole-sequence layer: ``jbptt.fast`` method
+  fast    jbptt, the default cell through the BPTT estimator (fused whole-sequence layer: ``jbptt.fused`` method
           "jvp", whose reverse-mode variant "vjp" the estimator runs for the LSTM)
   vjp     jbptt with the hand-written custom-VJP layer (``fused="vjp"``)
   hoist   jbptt with only the input projection hoisted (``fused="hoist"``)

@@ -1,7 +1,8 @@
 """Character-level language model over the corpus as one stream, trained with stateful TBPTT(k1, k2).
 
 Reads ``configs/char_lm_tbptt.yaml``; feeds the training split as ``batch_size`` parallel streams in chunks of
-``k1`` characters through :func:`jbptt.tbptt.train_stream` (one compiled step for every chunk, one optimizer step
+``k1`` characters through :func:`~jbptt.estimators.tbptt.train_stream` (one compiled step for every chunk, one
+optimizer step
 per chunk), evaluates bits per character statefully over the whole validation split, and writes
 ``char_lm_tbptt.json`` (curve, final val bits/char, training characters per second) to ``out``.
 
@@ -28,9 +29,9 @@ import yaml
 
 from jbptt import cells, losses
 from jbptt.checkpoint import atomic_write
-from jbptt.runner import machine_info
+from jbptt.estimators.tbptt import pad_chunk, prime_state, tbptt, train_stream
+from jbptt.experiment.runner import machine_info
 from jbptt.tasks.text import VOCAB, text_stream
-from jbptt.tbptt import pad_chunk, prime_state, tbptt, train_stream
 from jbptt.train import init_train_state, make_train_step
 from jbptt.unroll import unroll
 

@@ -7,7 +7,7 @@ Same as ``jbptt compare CONFIG``; writes report.json, report.md and PNG plots to
 
 import sys
 
-from jbptt.compare import main
+from jbptt.experiment.compare import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -29,11 +29,11 @@ import optax
 import yaml
 
 from jbptt import cells, losses
-from jbptt.bptt import bptt
 from jbptt.checkpoint import atomic_write
-from jbptt.runner import machine_info
+from jbptt.estimators.bptt import bptt
+from jbptt.estimators.tbptt import tbptt
+from jbptt.experiment.runner import machine_info
 from jbptt.tasks import make_task
-from jbptt.tbptt import tbptt
 from jbptt.train import init_train_state, make_train_step
 from jbptt.unroll import unroll
 

@@ -4,7 +4,7 @@
     jbptt run --resume RUN_DIR [training.steps=N ...] [--quiet]
     jbptt sample RUN_DIR [--prompt TEXT] [--length N] [--temperature T] [--seed S] [--checkpoint last|best]
     jbptt plot RUN_DIR [RUN_DIR ...] [--out FILE] [--metric NAME]
-    jbptt compare ...                 (the estimator-comparison harness, :mod:`jbptt.compare`)
+    jbptt compare ...                 (the estimator-comparison harness, :mod:`~jbptt.experiment.compare`)
 
 Exit codes: 0 success (also early stopping), 1 a run halted on a NaN/Inf or a bad checkpoint, 2 a bad config
 or
@@ -38,8 +38,8 @@ def _err(msg: str, code: int) -> int:
 
 def _run(args) -> int:
     from jbptt.checkpoint import CheckpointError, atomic_write
-    from jbptt.config import ConfigError, dump_config, load_config
-    from jbptt.runner import STATUS_EXIT_CODES, train
+    from jbptt.experiment.config import ConfigError, dump_config, load_config
+    from jbptt.experiment.runner import STATUS_EXIT_CODES, train
 
     try:
         if args.resume:
@@ -62,11 +62,11 @@ def _run(args) -> int:
                 return _err("run needs a CONFIG file (or --resume RUN_DIR)", 2)
             cfg = load_config(args.config, args.overrides)
             source = args.config
-        from jbptt.runner import start_processes
+        from jbptt.experiment.runner import start_processes
 
         start_processes(cfg)  # multi-process JAX starts before anything touches a device
         if args.resume:
-            from jbptt.runner import build
+            from jbptt.experiment.runner import build
 
             build(cfg, source)
             import jax
@@ -102,9 +102,9 @@ def _sample(args) -> int:
     import jax
 
     from jbptt.checkpoint import CheckpointError
-    from jbptt.config import ConfigError
-    from jbptt.runner import load_run
-    from jbptt.sampling import generate
+    from jbptt.experiment.config import ConfigError
+    from jbptt.experiment.runner import load_run
+    from jbptt.experiment.sampling import generate
     from jbptt.tasks import text
 
     if args.length < 1 or args.temperature <= 0:
@@ -133,7 +133,7 @@ def _sample(args) -> int:
 
 
 def _plot(args) -> int:
-    from jbptt import plots
+    from jbptt.experiment import plots
 
     for d in args.run_dirs:
         if not os.path.exists(os.path.join(d, "metrics.jsonl")):
@@ -150,10 +150,11 @@ def _plot(args) -> int:
 
 def _compare(argv) -> int:
     try:
-        compare = importlib.import_module("jbptt.compare")
+        compare = importlib.import_module("jbptt.experiment.compare")
     except ImportError as e:
-        if getattr(e, "name", None) == "jbptt.compare":
-            return _err("the compare subcommand needs jbptt.compare, which this installation does not have", 2)
+        if getattr(e, "name", None) == "jbptt.experiment.compare":
+            return _err("the compare subcommand needs jbptt.experiment.compare, which this installation does "
+                        "not have", 2)
         raise
     return compare.main(argv) or 0
 
@@ -178,7 +179,7 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png for one run, runs.png for several)")
     pl.add_argument("--metric", help="validation metric to plot (default: each run's headline metric)")
-    sub.add_parser("compare", help="compare gradient estimators (jbptt.compare)", add_help=False)
+    sub.add_parser("compare", help="compare gradient estimators (jbptt.experiment.compare)", add_help=False)
     return p
 
 

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from jbptt.batch import Batch, batch_and_time, time_major
 from jbptt.cells import Cell
-from jbptt.estimator import Batch
 from jbptt.losses import LossFn, sequence_loss
-from jbptt.unroll import batch_and_time, time_major, unroll
+from jbptt.unroll import unroll
 
 
 def _with_state_input(cell: Cell, fn) -> Cell:

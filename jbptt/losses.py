@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jbptt.unroll import sequence_mask
+from jbptt.batch import loss_weights, sequence_mask  # noqa: F401  (loss_weights is part of this API)
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -47,13 +47,6 @@ def get_loss(name: str) -> LossFn:
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}") from None
 
-
-def loss_weights(B: int, T: int, *, mask=None, seq_lengths=None, dtype=jnp.float32):
-    """Per-step loss weights ``[B, T]``: ``mask`` (default all ones) times the validity of ``seq_lengths``."""
-    w = jnp.ones((B, T), dtype) if mask is None else jnp.broadcast_to(jnp.asarray(mask, dtype), (B, T))
-    if seq_lengths is not None:
-        w = w * sequence_mask(seq_lengths, T).astype(dtype)
-    return w
 
 
 def weighted_mean(values, weights):

@@ -62,7 +62,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jbptt.estimator import Batch, GradientEstimator
+from jbptt.batch import Batch
+from jbptt.estimator import GradientEstimator
 from jbptt.train import TrainState, init_train_state, make_train_step
 
 __all__ = [

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jbptt.estimator import Batch, GradientEstimator
+from jbptt.batch import Batch
+from jbptt.estimator import GradientEstimator
 
 
 class TrainState(NamedTuple):

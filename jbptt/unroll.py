@@ -14,40 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jbptt.batch import batch_and_time, batch_where, sequence_mask, time_major
 from jbptt.cells import Cell, layer_of, segment_fn
 
 ScanFn = Callable[..., tuple[Any, Any]]
-
-
-def batch_where(mask, on_true, on_false):
-    """``jnp.where`` over pytrees with a per-example ``mask: [B]`` broadcast against leaves ``[B, ...]``."""
-
-    def pick(a, b):
-        m = jnp.reshape(mask, mask.shape + (1,) * (jnp.ndim(a) - mask.ndim))
-        return jnp.where(m, a, b)
-
-    return jax.tree.map(pick, on_true, on_false)
-
-
-def time_major(tree):
-    """Swaps the two leading axes of every leaf: ``[B, T, ...] <-> [T, B, ...]``."""
-    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), tree)
-
-
-def batch_and_time(xs) -> tuple[int, int]:
-    """Returns ``(B, T)`` read from the first leaf of batch-major ``xs``, with a clear error for bad shapes."""
-    leaves = jax.tree_util.tree_leaves(xs)
-    if not leaves:
-        raise ValueError("unroll: xs has no arrays")
-    shape = jnp.shape(leaves[0])
-    if len(shape) < 2:
-        raise ValueError(f"unroll: xs must be batch-major [B, T, ...]; got an array of shape {shape}")
-    return int(shape[0]), int(shape[1])
-
-
-def sequence_mask(seq_lengths, T: int):
-    """``[B, T]`` booleans, True at the valid steps ``t < seq_lengths[b]`` of right-padded sequences."""
-    return jnp.arange(T)[None, :] < jnp.asarray(seq_lengths)[:, None]
 
 
 def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None, unroll: int = 1,
@@ -81,7 +51,7 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
     Fast path: when the cell carries a fused :class:`~jbptt.cells.Layer` for its ``step`` (LSTM and GRU by
     default, and :func:`~jbptt.cells.stack` / :func:`~jbptt.cells.with_readout` of such cells), ``xs`` is a single
     array and no ``scan`` replacement is given, the whole sequence runs through the layer's ``apply`` (see
-    :mod:`jbptt.fast`): same function, same ``seq_lengths`` / ``resets`` / ``reverse`` semantics. A segmented remat
+    :mod:`jbptt.fused`): same function, same ``seq_lengths`` / ``resets`` / ``reverse`` semantics. A segmented remat
     schedule (a ``scan`` with a ``run_layer`` attribute: :func:`jbptt.remat.every_k`, ``sqrt``, ``nested``) runs
     the layer's ``segment`` function (else ``apply``) on each innermost segment instead (Elman cells by default:
     one stored carry per step). Inputs with per-step keys (dropout), other ``scan`` replacements, mixed dtypes

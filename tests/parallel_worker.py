@@ -67,7 +67,7 @@ def prepare_for(name):
     """The ``prepare`` hook of data_parallel: TBPTT with k2 > k1 allocates its replay window up front."""
     if name != "tbptt":
         return None
-    from jbptt.tbptt import prime_state
+    from jbptt.estimators.tbptt import prime_state
 
     return lambda state, carry: prime_state(state, jnp.zeros((carry.shape[0], 1, I), carry.dtype))
 
@@ -179,8 +179,8 @@ def single_checks(names, short_names):
     except ValueError as e:
         out["indivisible_error"] = str(e)
     if ARGS is not None and ARGS.runner_config:  # last: it runs with float64 off, like `jbptt run`
-        from jbptt.config import load_config
-        from jbptt.runner import train
+        from jbptt.experiment.config import load_config
+        from jbptt.experiment.runner import train
 
         jax.config.update("jax_enable_x64", False)
         cfg = load_config(ARGS.runner_config, ["parallel.mode=sharded", "parallel.devices=4"])

@@ -24,7 +24,7 @@ def test_gradients_match_finite_differences(name, cell, key):
     batch = jbptt.Batch(xs, targets)
 
     def loss(p):
-        return jbptt.bptt.loss_and_outputs(cell, losses.mse, p, batch)[0]
+        return jbptt.estimators.bptt.loss_and_outputs(cell, losses.mse, p, batch)[0]
 
     grads = jax.grad(loss)(params)
     fd = finite_difference_grad(loss, params)
@@ -42,7 +42,7 @@ def test_stack_with_dropout_gradients_match_finite_differences(key):
     batch = jbptt.Batch(xs, jax.random.normal(jax.random.key(2), (B, T, 2), jnp.float64))
 
     def loss(p):
-        return jbptt.bptt.loss_and_outputs(cell, losses.mse, p, batch)[0]
+        return jbptt.estimators.bptt.loss_and_outputs(cell, losses.mse, p, batch)[0]
 
     g, f = ravel_pytree(jax.grad(loss)(params))[0], ravel_pytree(finite_difference_grad(loss, params))[0]
     assert jnp.linalg.norm(g - f) / jnp.linalg.norm(g) <= 1e-6

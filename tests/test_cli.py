@@ -7,9 +7,9 @@ import jax
 import numpy as np
 
 from jbptt import cli
-from jbptt.config import parse_config
-from jbptt.runner import build
-from jbptt.sampling import generate
+from jbptt.experiment.config import parse_config
+from jbptt.experiment.runner import build
+from jbptt.experiment.sampling import generate
 from tests.runner_helpers import tiny_raw, write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,9 +99,9 @@ def test_generate_greedy_follows_the_argmax(key):
 
 def test_compare_without_module_and_bad_args(capsys):
     try:
-        import jbptt.compare  # noqa: F401
+        import jbptt.experiment.compare  # noqa: F401
     except ImportError:
         assert cli.main(["compare"]) == 2
-        assert "jbptt.compare" in capsys.readouterr().err
+        assert "jbptt.experiment.compare" in capsys.readouterr().err
     assert cli.main(["frobnicate"]) == 2
     assert cli.main(["run"]) == 2

@@ -6,8 +6,8 @@ import os
 import pytest
 import yaml
 
-from jbptt import compare
-from jbptt.config import ConfigError
+from jbptt.experiment import compare
+from jbptt.experiment.config import ConfigError
 
 TINY = {
     "task": {"name": "delayed_recall", "options": {"length": 6, "lag": 1, "n_symbols": 2}},

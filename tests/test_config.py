@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from jbptt import cli
-from jbptt.config import ConfigError, apply_overrides, dump_config, load_config, parse_config, parse_override
+from jbptt.experiment.config import ConfigError, apply_overrides, dump_config, load_config, parse_config, parse_override
 from tests.runner_helpers import tiny_raw, write_config
 
 BAD = [

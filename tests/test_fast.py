@@ -1,4 +1,4 @@
-"""The fused LSTM / GRU layers (jbptt.fast) against the plain per-step autodiff cells, on random inputs."""
+"""The fused LSTM / GRU layers (jbptt.fused) against the plain per-step autodiff cells, on random inputs."""
 
 import jax
 import jax.extend
@@ -9,7 +9,8 @@ import pytest
 from jax import lax
 
 import jbptt
-from jbptt import cells, fast, losses
+from jbptt import cells, losses
+from jbptt import fused as fast
 from jbptt.cells import layer_of
 from jbptt.unroll import unroll
 
@@ -276,8 +277,8 @@ def test_bptt_estimator_runs_the_reverse_mode_layer(key, monkeypatch):
     """The BPTT estimator unrolls with reverse_mode_only=True: a default LSTM (and stacks / readouts of it) then
     runs the hand-written VJP layer, with the plain cell's gradient (float64, 1e-10, lengths and resets); a plain
     unroll keeps the custom-JVP layer, so jax.jvp through it still works."""
-    from jbptt.bptt import bptt, loss_and_outputs, reference_gradient
-    from jbptt.estimator import Batch
+    from jbptt.batch import Batch
+    from jbptt.estimators.bptt import bptt, loss_and_outputs, reference_gradient
 
     methods, lstm_layer = [], fast.lstm_layer
 
@@ -319,8 +320,8 @@ def test_bptt_estimator_runs_the_elman_layer_with_the_readout_in_its_loop(key):
     """A default Elman cell under the BPTT estimator runs the carry-only layer with with_readout's readout inside
     its loops: the plain cell's gradient (float64, 1e-10; lengths, resets, a stateful carry) at about one stored
     carry per step (JAX's rule on the per-step cell keeps three)."""
-    from jbptt.bptt import bptt, reference_gradient
-    from jbptt.estimator import Batch
+    from jbptt.batch import Batch
+    from jbptt.estimators.bptt import bptt, reference_gradient
 
     cell, plain = (cells.with_readout(cells.elman(H, dtype=jnp.float64, fused=f), 2) for f in ("reverse", None))
     assert layer_of(cell).apply is None and layer_of(cell).apply_reverse is not None

@@ -8,7 +8,7 @@ import pytest
 import jbptt
 from jbptt import cells, losses
 from jbptt.diagnostics import relative_error
-from jbptt.rtrl import rtrl
+from jbptt.estimators.rtrl import rtrl
 from tests.test_rtrl import TOL, gradient, random_problem, reference
 
 ELMAN = cells.with_readout(cells.elman(5), 2)

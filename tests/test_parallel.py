@@ -220,7 +220,7 @@ def test_rtrl_and_tbptt_state_axes():
     assert jax.tree_util.tree_leaves(rtrl.carry) == [True] and jax.tree_util.tree_leaves(rtrl.trace) == [True]
     assert rtrl.key is False
     tb = jbptt.make_estimator("tbptt", cell, losses.mse, k1=2, k2=3, stateful=True, artbp=0.1)
-    from jbptt.tbptt import prime_state
+    from jbptt.estimators.tbptt import prime_state
 
     axes = parallel.state_batch_axes(tb, params, carry,
                                      lambda s, c: prime_state(s, jnp.zeros((c.shape[0], 1, 2))))
@@ -268,9 +268,9 @@ def test_every_registered_estimator_has_a_batch_axis_layout():
 
     import jbptt
     from jbptt import cells, losses, parallel
-    from jbptt.estimator import ESTIMATORS, _import_builtin_estimators
+    from jbptt.estimator import ESTIMATORS
 
-    _import_builtin_estimators()
+
     cell = cells.with_readout(cells.elman(3), 2)
     params = cell.init(jax.random.key(0), 2)
     carry = cell.initial_carry(params, (3,))
@@ -290,8 +290,8 @@ def test_every_registered_estimator_has_a_batch_axis_layout():
 def test_parallel_config_process_keys(tmp_path):
     """The runner's multi-process keys are validated with one clear error each; a single-process config
     never starts jax.distributed."""
-    from jbptt.config import ConfigError, parse_config
-    from jbptt.runner import start_processes
+    from jbptt.experiment.config import ConfigError, parse_config
+    from jbptt.experiment.runner import start_processes
 
     def cfg(**parallel):
         return parse_config(tiny_raw(tmp_path, parallel=parallel))
@@ -320,8 +320,8 @@ def test_readme_parallel_example_runs():
 def test_runner_tbptt_with_replay_window_in_parallel_mode(tmp_path):
     """`estimator: tbptt` with k2 > k1 (a state that grows on its first update) trains in the runner's
     parallel path like in the plain one: the runner primes the state up front."""
-    from jbptt.config import parse_config
-    from jbptt.runner import train
+    from jbptt.experiment.config import parse_config
+    from jbptt.experiment.runner import train
 
     runs = {}
     for mode in ("none", "pmap"):

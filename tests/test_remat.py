@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 from jbptt import cells, losses, remat
-from jbptt.bptt import bptt, loss_and_outputs, reference_gradient
-from jbptt.estimator import Batch
+from jbptt.batch import Batch
+from jbptt.estimators.bptt import bptt, loss_and_outputs, reference_gradient
 
 T = 13
 

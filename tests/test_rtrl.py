@@ -9,10 +9,10 @@ from flax import linen as nn
 
 import jbptt
 from jbptt import cells, losses
-from jbptt.bptt import reference_gradient
 from jbptt.diagnostics import relative_error
-from jbptt.online import split_segment
-from jbptt.rtrl import check_unit_structure, influence_bytes, rtrl
+from jbptt.estimators.bptt import reference_gradient
+from jbptt.estimators.online import split_segment
+from jbptt.estimators.rtrl import check_unit_structure, influence_bytes, rtrl
 from tests.helpers import init_f64
 
 TOL = 1e-10

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from jbptt import cli
-from jbptt.bptt import bptt
-from jbptt.config import parse_config
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.runner import build_optimizer, load_run, train
+from jbptt.estimators.bptt import bptt
+from jbptt.experiment.config import parse_config
+from jbptt.experiment.runner import build_optimizer, load_run, train
 from tests.runner_helpers import metrics_without_time, tiny_raw, write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,7 +237,7 @@ def test_clipping_and_penalties():
 
 
 def test_esn_readout_fits_closed_form(tmp_path):
-    from jbptt.esn import ridge_readout
+    from jbptt.experiment.esn import ridge_readout
 
     rng = np.random.default_rng(0)
     s, w = rng.normal(size=(50, 4)), rng.normal(size=(4, 2))
@@ -288,7 +288,7 @@ def test_remat_and_parallel_sections_call_their_modules(tmp_path, monkeypatch):
 
 
 def test_progress_bar_measures_a_rate_after_the_first_step(capsys, monkeypatch):
-    from jbptt import runner
+    from jbptt.experiment import runner
 
     clock = iter([0.0, 10.0, 11.0, 12.0, 13.0])
     monkeypatch.setattr(runner.time, "monotonic", lambda: next(clock))
@@ -303,7 +303,7 @@ def test_progress_bar_measures_a_rate_after_the_first_step(capsys, monkeypatch):
 def test_shipped_remat_config_trains_like_the_plain_scan(tmp_path):
     """configs/adding_tanh_remat.yaml, shortened: the sqrt schedule (Elman layer on the segments) gives the same
     training curve as remat: none (float32; the layer sums in another order, so not bit for bit)."""
-    from jbptt.config import load_config
+    from jbptt.experiment.config import load_config
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "adding_tanh_remat.yaml"))
     assert cfg.remat.policy == "sqrt"

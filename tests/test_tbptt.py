@@ -1,6 +1,7 @@
 """TBPTT(k1, k2) and ARTBP against plain references built from ``jax.grad`` over ``unroll`` (float64, random inputs).
 
-Loss normalisation (see :mod:`jbptt.tbptt`): ``update`` returns the truncated gradient of the segment's weighted
+Loss normalisation (see :mod:`~jbptt.estimators.tbptt`): ``update`` returns the truncated gradient of the
+segment's weighted
 mean loss, i.e. ``sum over chunks of grad(chunk's summed weighted loss) / segment's total weight``.
 """
 
@@ -13,9 +14,9 @@ from jax import lax
 
 import jbptt
 from jbptt import cells, losses
-from jbptt.bptt import reference_gradient
-from jbptt.estimator import Batch
-from jbptt.tbptt import make_sequence_train_step, pad_chunk, prime_state, split_chunks, tbptt, train_stream
+from jbptt.batch import Batch
+from jbptt.estimators.bptt import reference_gradient
+from jbptt.estimators.tbptt import make_sequence_train_step, pad_chunk, prime_state, split_chunks, tbptt, train_stream
 from jbptt.train import init_train_state, make_train_step
 from jbptt.unroll import unroll
 

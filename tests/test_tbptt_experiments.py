@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
-from jbptt.config import parse_config
-from jbptt.runner import train
+from jbptt.experiment.config import parse_config
+from jbptt.experiment.runner import train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -70,6 +70,6 @@ def test_readme_tbptt_example_runs():
     import re
 
     text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = text.split("## Truncated BPTT (`jbptt.tbptt`)", 1)[1]
+    section = text.split("## Truncated BPTT (`jbptt.estimators.tbptt`)", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "README.md", "exec"), {})

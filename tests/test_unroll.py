@@ -135,7 +135,7 @@ def test_unroll_factor_does_not_change_results(key):
 def test_program_size_does_not_grow_with_T(key):
     cell = cells.with_readout(cells.lstm(4), 1)
     params = cell.init(key, I)
-    est = jbptt.bptt.bptt(cell, losses.mse)
+    est = jbptt.estimators.bptt.bptt(cell, losses.mse)
 
     def n_eqns(T):
         batch = jbptt.Batch(jnp.zeros((2, T, I)), jnp.zeros((2, T, 1)))

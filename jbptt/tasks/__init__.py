@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jbptt.estimator import Batch
+from jbptt.batch import Batch
 from jbptt.losses import accuracy, cross_entropy, weighted_mean
 
 SPLITS = ("train", "val", "test")

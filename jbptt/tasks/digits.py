@@ -8,7 +8,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from jbptt.estimator import Batch
+from jbptt.batch import Batch
 from jbptt.losses import final_step_weights
 from jbptt.tasks import Task, check_split, classification_metrics, register_task, take_rows
 

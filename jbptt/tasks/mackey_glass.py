@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbptt.estimator import Batch
+from jbptt.batch import Batch
 from jbptt.tasks import Task, check_split, register_task, regression_metrics
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbptt.estimator import Batch
+from jbptt.batch import Batch
 from jbptt.losses import final_step_weights
 from jbptt.tasks import Task, classification_metrics, one_hot, register_task, regression_metrics, split_key
 

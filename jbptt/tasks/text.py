@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbptt.estimator import Batch
+from jbptt.batch import Batch
 from jbptt.tasks import Task, check_split, classification_metrics, one_hot, register_task
 
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))

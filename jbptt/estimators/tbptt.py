@@ -11,12 +11,12 @@ state keeps the carry at the start of the current window and the inputs of the l
 chunk step re-runs (forward) in front of the new ``k1`` steps before backpropagating: compute per chunk is
 ``k2`` forward steps and ``k2`` backward steps, memory ``O(k2)``, independent of ``T``. Padded steps (the tail of
 a short last chunk, steps past ``seq_lengths``) leave the carry untouched and carry no loss, exactly as in
-:func:`jbptt.unroll.unroll`; the window is the last ``k2`` *slots* of the chunk grid, so after a short last chunk
+:func:`~jbptt.unroll.unroll`; the window is the last ``k2`` *slots* of the chunk grid, so after a short last chunk
 of ``r`` valid steps the window holds ``k2 - k1 + r`` valid steps (every loss still backpropagates at least
 ``k2 - k1 + 1`` steps).
 
 **Loss normalisation.** ``update`` returns ``loss`` = the weighted mean per-step loss over the valid steps of the
-*segment it was given* (``sum_t w_t l_t / sum_t w_t``, the same number :func:`jbptt.bptt.bptt` returns) and
+*segment it was given* (``sum_t w_t l_t / sum_t w_t``, the same number :func:`~jbptt.estimators.bptt.bptt` returns) and
 ``grads`` = the truncated gradient of that same quantity: ``sum over chunks of (truncated grad of the chunk's
 summed loss) / (segment's total weight)``. So with one chunk per ``update`` (stream mode: the user feeds chunks of
 ``k1`` steps and the optimizer steps once per chunk) each chunk's loss is the mean over *that chunk's* valid
@@ -26,7 +26,8 @@ stopped at chunk boundaries, divided by the segment's total weight.
 
 **Modes.**
 
-* ``stateful=False`` (default, like :func:`jbptt.bptt.bptt`): every ``update`` starts a fresh batch of sequences
+* ``stateful=False`` (default, like :func:`~jbptt.estimators.bptt.bptt`): every ``update`` starts a fresh batch
+of sequences
   from ``cell.initial_carry(params, (B,))`` (a learned initial carry gets its gradient) and applies TBPTT inside
   the segment, with one gradient (one optimizer step) per segment.
 * ``stateful=True``: streams. The carry, the replay window and the ARTBP state cross ``update`` calls; feed
@@ -60,11 +61,12 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jbptt.batch import Batch, batch_and_time, batch_where, sequence_mask
 from jbptt.cells import Cell, params_dtype
-from jbptt.estimator import Batch, GradientEstimator, register_estimator
+from jbptt.estimator import GradientEstimator, register_estimator
 from jbptt.losses import LossFn
 from jbptt.train import make_train_step
-from jbptt.unroll import ScanFn, batch_and_time, batch_where, sequence_mask, unroll
+from jbptt.unroll import ScanFn, unroll
 
 __all__ = ["TBPTTState", "Window", "make_sequence_train_step", "pad_chunk", "prime_state", "split_chunks",
            "tbptt", "train_stream"]
@@ -380,7 +382,7 @@ def make_sequence_train_step(estimator: GradientEstimator, optimizer: optax.Grad
         from the state's carry (consecutive pieces of one stream).
 
     Returns:
-      A pure function; ``state`` is a :class:`jbptt.train.TrainState` (see :func:`prime_state` for ``k2 > k1``)
+      A pure function; ``state`` is a :class:`~jbptt.train.TrainState` (see :func:`prime_state` for ``k2 > k1``)
       and ``metrics`` leaves are ``[n_chunks]``.
     """
     train_step = make_train_step(estimator, optimizer)

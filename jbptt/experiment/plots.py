@@ -27,7 +27,7 @@ def _save(fig, path: str) -> None:
 
 
 def _load(run_dir: str):
-    from jbptt.runner import read_metrics
+    from jbptt.experiment.runner import read_metrics
 
     records = read_metrics(run_dir)
     summary = {}

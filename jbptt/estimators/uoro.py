@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
+from jbptt.estimators.online import FlatStep, OnlineState, init_state, online_segment
 from jbptt.losses import LossFn
-from jbptt.online import FlatStep, OnlineState, init_state, online_segment
 
 __all__ = ["uoro"]
 
@@ -66,7 +66,8 @@ def uoro(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 1e
       eps: added to the variance-reduction scalings (as in the paper's reference code).
 
     Returns:
-      A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState` (trace ``(s~ [B, n], theta~ [B, P])``;
+      A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState` (trace ``(s~ [B, n],
+      theta~ [B, P])``;
       the key is split every update, so successive estimates are independent). ``init(params, carry, key=None)``.
     """
 

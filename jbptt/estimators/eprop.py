@@ -20,8 +20,7 @@ import jax.numpy as jnp
 
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.losses import LossFn
-from jbptt.online import (
+from jbptt.estimators.online import (
     OnlineState,
     compressed_core,
     compressed_trace0,
@@ -30,6 +29,7 @@ from jbptt.online import (
     online_segment,
     unit_rows,
 )
+from jbptt.losses import LossFn
 
 __all__ = ["eprop", "hidden_readout"]
 
@@ -65,7 +65,7 @@ def eprop(cell: Cell, loss_fn: LossFn, *, internal: Sequence[int] | None = None,
       readout: ``readout(params, new_carry, x) -> y`` matching the step's output (checked on the first eager update).
 
     Returns:
-      A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState` (eligibility ``[B, R, n]``).
+      A :class:`GradientEstimator` with :class:`jbptt.estimators.online.OnlineState` (eligibility ``[B, R, n]``).
     """
     def parts(params):
         rows = unit_rows(cell, params)
@@ -82,11 +82,11 @@ def eligibility_estimator(cell: Cell, loss_fn: LossFn, parts, *, readout, statef
 
     Args:
       parts: ``parts(params) -> (rows, core)``, the unit rows and the per-example core of
-        :func:`jbptt.online.compressed_core` that advances the eligibility trace.
+        :func:`jbptt.estimators.online.compressed_core` that advances the eligibility trace.
       readout: the step's output as a function of the new carry (checked once against the step, eagerly).
 
     Returns:
-      A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState` (eligibility ``[B, R, n]``).
+      A :class:`GradientEstimator` with :class:`jbptt.estimators.online.OnlineState` (eligibility ``[B, R, n]``).
     """
     checked = []
 

@@ -12,7 +12,7 @@ and ``pattern_n`` marks the entries of ``J`` that are non-zero after ``n`` steps
 
 The gradient of step ``t`` contracts the loss cotangent of the carry entering the step with the sparse ``J_{t-1}``
 (plus the exact immediate term), i.e. the last step before each loss is propagated exactly, as for every estimator
-built on :func:`jbptt.online.compressed_core` without a ``readout``.
+built on :func:`jbptt.estimators.online.compressed_core` without a ``readout``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import jax.numpy as jnp
 
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.losses import LossFn
-from jbptt.online import (
+from jbptt.estimators.online import (
     FlatStep,
     OnlineState,
     compressed_core,
@@ -33,7 +32,8 @@ from jbptt.online import (
     online_segment,
     unit_rows,
 )
-from jbptt.rtrl import check_influence_size, dense_core, dense_trace0, influence_bytes
+from jbptt.estimators.rtrl import check_influence_size, dense_core, dense_trace0, influence_bytes
+from jbptt.losses import LossFn
 
 __all__ = ["snap", "snap1", "snap2", "snap_pattern"]
 
@@ -65,7 +65,7 @@ def snap(cell: Cell, loss_fn: LossFn, *, n: int = 2, stateful: bool = False,
     """SnAp-n with a masked dense influence ``[B, P, n]`` (see the module docstring).
 
     Returns:
-      A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState`. Safe under ``jit``.
+      A :class:`GradientEstimator` with :class:`jbptt.estimators.online.OnlineState`. Safe under ``jit``.
     """
     if n < 1:
         raise ValueError(f"snap: n must be >= 1, got {n}")
@@ -101,7 +101,7 @@ def snap1(cell: Cell, loss_fn: LossFn, *, stateful: bool = False) -> GradientEst
     """SnAp-1 with the compressed influence ``[B, R, n]`` (memory O(P) per example, independent of ``T``).
 
     Returns:
-      A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState`. Safe under ``jit``.
+      A :class:`GradientEstimator` with :class:`jbptt.estimators.online.OnlineState`. Safe under ``jit``.
     """
     keep_blocks = lambda blocks, *_: blocks
 

@@ -14,7 +14,7 @@ the output folder:
 A config (YAML, see ``configs/compare_small.yaml``)::
 
     task: {name: delayed_recall, options: {length: 20, lag: 3}}      # any jbptt.tasks task
-    model: {cell: elman, hidden: 16, dtype: float64}                   # as in jbptt.config
+    model: {cell: elman, hidden: 16, dtype: float64}                   # as in jbptt.experiment.config
     optimizer: {name: adam, lr: 0.01}
     estimators: [bptt, rtrl, snap1, {name: rflo, label: rflo_fa, options: {feedback: random}}]
     agreement: {batch_size: 8, batches: 2}
@@ -48,9 +48,13 @@ import numpy as np
 import yaml
 
 from jbptt import losses
+from jbptt.batch import Batch
 from jbptt.cells import CELLS, with_readout
 from jbptt.checkpoint import atomic_write
-from jbptt.config import (
+from jbptt.diagnostics import cosine_similarity, relative_error
+from jbptt.estimator import make_estimator
+from jbptt.estimators.online import split_segment
+from jbptt.experiment.config import (
     Config,
     ConfigError,
     ModelConfig,
@@ -60,9 +64,6 @@ from jbptt.config import (
     _parse_section,
     apply_overrides,
 )
-from jbptt.diagnostics import cosine_similarity, relative_error
-from jbptt.estimator import Batch, make_estimator
-from jbptt.online import split_segment
 from jbptt.train import TrainState, make_train_step
 from jbptt.unroll import unroll
 
@@ -166,7 +167,8 @@ def _estimator_specs(raw, path: str, source: str) -> list[EstimatorSpec]:
 
 
 def parse_compare_config(raw, source: str = "<config>") -> CompareConfig:
-    """A :class:`CompareConfig` from a raw dict; every problem raises one :class:`~jbptt.config.ConfigError`."""
+    """A :class:`CompareConfig` from a raw dict; every problem raises one
+    :class:`~jbptt.experiment.config.ConfigError`."""
     if not isinstance(raw, dict):
         raise ConfigError("", f"the file must hold a mapping, got {type(raw).__name__}", source)
     known = {f.name for f in dataclasses.fields(CompareConfig)}
@@ -236,7 +238,7 @@ def _flat(tree):
 
 
 def _experiment(cfg: CompareConfig):
-    from jbptt.runner import build_cell, build_optimizer
+    from jbptt.experiment.runner import build_cell, build_optimizer
     from jbptt.tasks import make_task
 
     base = Config(task=cfg.task, model=cfg.model, optimizer=cfg.optimizer,

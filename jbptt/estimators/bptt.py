@@ -11,10 +11,11 @@ from typing import Any, NamedTuple
 import jax
 from jax import lax
 
+from jbptt.batch import Batch, batch_and_time
 from jbptt.cells import Cell
-from jbptt.estimator import Batch, GradientEstimator, register_estimator
+from jbptt.estimator import GradientEstimator, register_estimator
 from jbptt.losses import LossFn, sequence_loss
-from jbptt.unroll import ScanFn, batch_and_time, unroll
+from jbptt.unroll import ScanFn, unroll
 
 __all__ = ["Batch", "BPTTState", "GradientEstimator", "bptt", "loss_and_outputs", "reference_gradient"]
 

@@ -1,9 +1,9 @@
-"""The experiment runner: a :class:`~jbptt.config.Config` in, a trained model and a run folder out.
+"""The experiment runner: a :class:`~jbptt.experiment.config.Config` in, a trained model and a run folder out.
 
 :func:`train` is what ``jbptt run`` calls, and experiment scripts can call it in-process::
 
-    from jbptt.config import load_config
-    from jbptt.runner import train
+    from jbptt.experiment.config import load_config
+    from jbptt.experiment.runner import train
     summary = train(load_config("configs/quickstart.yaml", ["training.steps=200"]), run_dir="runs/q")
 
 A run folder holds ``config.yaml`` (the resolved config: enough to re-run), ``metrics.jsonl`` (one JSON object
@@ -43,8 +43,8 @@ import optax
 from jbptt import checkpoint as ckpt
 from jbptt import diagnostics, losses
 from jbptt.cells import CELLS, Cell, learned_initial_carry, stack, trainable_mask, with_readout
-from jbptt.config import Config, ConfigError, dump_config
 from jbptt.estimator import GradientEstimator, make_estimator
+from jbptt.experiment.config import Config, ConfigError, dump_config
 from jbptt.tasks import Task, make_task
 from jbptt.train import init_train_state, make_train_step
 from jbptt.unroll import unroll, with_step_keys
@@ -173,7 +173,7 @@ def build_estimator(cfg: Config, cell: Cell, loss_fn, source: str = "<config>") 
     configured."""
     e = cfg.estimator
     if e.name == "esn":
-        from jbptt.esn import check_esn_config
+        from jbptt.experiment.esn import check_esn_config
 
         check_esn_config(cfg, source)
         return None
@@ -357,7 +357,7 @@ def _prepare_state(exp: Experiment, make_batch):
     structure for checkpoints and for the data-parallel layout (:mod:`jbptt.parallel`)."""
     if exp.config.estimator.name != "tbptt":
         return None
-    from jbptt.tbptt import prime_state
+    from jbptt.estimators.tbptt import prime_state
 
     inputs = jax.eval_shape(make_batch, jnp.asarray(0, jnp.int32)).inputs
 
@@ -426,7 +426,7 @@ def load_run(run_dir: str, which: str = "last"):
     ``state.step``, ...); ``which="best"`` returns the parameters with the best validation metric.
     Raises :class:`~jbptt.checkpoint.CheckpointError` for a missing, corrupt or mismatched checkpoint.
     """
-    from jbptt.config import load_config
+    from jbptt.experiment.config import load_config
 
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
@@ -456,7 +456,7 @@ def train(
     """Trains the model of ``cfg`` and returns the run's summary (also written to ``summary.json``).
 
     Args:
-      cfg: a validated :class:`~jbptt.config.Config`.
+      cfg: a validated :class:`~jbptt.experiment.config.Config`.
       run_dir: the run folder (default: a new ``<root>/<name>-<timestamp>``). With ``resume=True`` it must
       hold a
         run: its checkpoint is restored and training continues (``cfg`` should be the run's ``config.yaml``).
@@ -475,7 +475,7 @@ def train(
     main = jax.process_index() == 0  # only process 0 writes files in a multi-process run
     exp = build(cfg, source)
     if exp.estimator is None:
-        from jbptt.esn import fit_esn
+        from jbptt.experiment.esn import fit_esn
 
         return fit_esn(exp, run_dir or new_run_dir(cfg), quiet=quiet)
     t, lg = cfg.training, cfg.logging
@@ -677,7 +677,7 @@ def train(
         return summary
     ckpt.atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
     if lg.plots and status not in ("halted_nan",):
-        from jbptt import plots
+        from jbptt.experiment import plots
 
         plots.plot_run(run_dir)
     return summary

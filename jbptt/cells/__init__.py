@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbptt import fast
+from jbptt import fused as fast
 
 Params = Any
 Carry = Any
@@ -194,7 +194,7 @@ def elman(hidden: int, *, activation: str = "tanh", recurrent_init="orthogonal",
       activation: ``"tanh"``, ``"relu"`` or ``"identity"`` (a linear RNN).
       recurrent_init / input_init: initialiser names (see ``INITIALIZERS``) or callables.
       recurrent_scale: multiplies the initial recurrent matrix (e.g. ``a`` for ``a * I``).
-      fused: where the whole-sequence layer :func:`jbptt.fast.elman_layer` (a custom VJP that stores only the
+      fused: where the whole-sequence layer :func:`jbptt.fused.elman_layer` (a custom VJP that stores only the
         carries, one per step instead of JAX's three for tanh) replaces the per-step scan. ``"reverse"`` (default):
         wherever only reverse-mode derivatives are taken — the segments of the segmented remat schedules
         (:func:`jbptt.remat.every_k`, ``sqrt``, ``nested``) and ``unroll(..., reverse_mode_only=True)``, which the
@@ -247,7 +247,7 @@ def lstm(hidden: int, *, forget_bias: float = 1.0, recurrent_init="orthogonal", 
       hidden: state size H.
       forget_bias: initial value of the forget-gate bias (1.0 as in Jozefowicz et al. 2015).
       fused: the whole-sequence fast path :func:`jbptt.unroll.unroll` uses (``"jvp"``, ``"vjp"``, ``"hoist"``;
-        see :mod:`jbptt.fast`), or ``None`` to always scan ``step``. It computes the same function as ``step``.
+        see :mod:`jbptt.fused`), or ``None`` to always scan ``step``. It computes the same function as ``step``.
         With ``"jvp"`` (default) a ``reverse_mode_only=True`` unroll (the BPTT estimator) runs ``"vjp"``.
 
     Returns:

@@ -2,7 +2,7 @@
 
 Every policy is a drop-in replacement for ``lax.scan``, ``scan(body, init, xs, reverse=False, unroll=1) ->
 (carry, ys)`` with time-major ``xs`` leaves ``[T, ...]``, so it plugs into :func:`jbptt.unroll.unroll` and
-:func:`jbptt.bptt.bptt` (``scan=``) and into truncated BPTT. None changes the gradient; they trade cell
+:func:`jbptt.estimators.bptt.bptt` (``scan=``) and into truncated BPTT. None changes the gradient; they trade cell
 evaluations (forward recomputation) for memory:
 
 ============  ====================================================  =====================================
@@ -18,7 +18,7 @@ policy        what the gradient keeps                               cell evaluat
 
 ``every_k``, ``sqrt`` and ``nested`` run a cell's fused whole-sequence layer (:class:`jbptt.cells.Layer`) on
 their innermost segments when the cell has one and no checkpoint ``policy`` is given: for an Elman cell that is
-:func:`jbptt.fast.elman_layer`, whose custom VJP stores one carry per step and recomputes nothing in its backward
+:func:`jbptt.fused.elman_layer`, whose custom VJP stores one carry per step and recomputes nothing in its backward
 pass, so ``sqrt`` keeps about ``T/k + k`` carries at ``2T`` evaluations (JAX's own rule keeps 3 carries per tanh
 step). With a checkpoint ``policy`` they scan the cell's step with it; ``"nonlinearities"``
 (:func:`save_nonlinearity_outputs`) cuts a tanh step's residuals from 3 carries to 2 with no matrix product

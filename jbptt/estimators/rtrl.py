@@ -6,7 +6,7 @@ trainable parameters), stored as ``[P, n]``. With ``(s_t, y_t) = step(theta, s_{
     J_t = (ds_t/ds_{t-1}) J_{t-1} + ds_t/dtheta
     dL_t/dtheta = dL_t/dy_t (dy_t/dtheta + dy_t/ds_{t-1} J_{t-1})
 
-so readout parameters inside :func:`jbptt.cells.with_readout` and a learned initial carry
+so readout parameters inside :func:`~jbptt.cells.with_readout` and a learned initial carry
 (``J_0 = d s_0 / d theta``) are handled uniformly. The gradient of each step is available at that step: nothing of
 the past is stored, and memory does not grow with ``T``. Modes (measured against each other by the ``rtrl_jvp``
 entries of ``configs/compare_small.yaml`` / ``compare_scaling.yaml``):
@@ -33,8 +33,7 @@ import numpy as np
 
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.losses import LossFn
-from jbptt.online import (
+from jbptt.estimators.online import (
     FlatStep,
     OnlineState,
     compressed_core,
@@ -45,6 +44,7 @@ from jbptt.online import (
     online_segment,
     unit_rows,
 )
+from jbptt.losses import LossFn
 
 __all__ = ["check_unit_structure", "influence_bytes", "rtrl", "dense_core", "dense_trace0"]
 
@@ -112,7 +112,8 @@ def check_unit_structure(cell: Cell, params, x, *, key=None, atol: float = 0.0):
     """Checks on a random carry that ``cell`` is element-wise, as ``rtrl(diagonal=True)`` needs.
 
     Element-wise means: the carry Jacobian is block-diagonal per unit and every parameter drives only its own unit
-    (:func:`jbptt.online.unit_rows`). Args: ``x`` one example's input ``[I]``. Raises ``ValueError`` naming the
+    (:func:`~jbptt.estimators.online.unit_rows`). Args: ``x`` one example's input ``[I]``. Raises
+    ``ValueError`` naming the
     violation; call it outside ``jit``.
     """
     rows = unit_rows(cell, params)
@@ -152,7 +153,7 @@ def rtrl(cell: Cell, loss_fn: LossFn, *, mode: str = "jacobian", diagonal: bool 
       max_influence_bytes: the largest influence matrix (whole batch) allowed; ``None`` for no limit.
 
     Returns:
-      A :class:`GradientEstimator` with state :class:`jbptt.online.OnlineState` (trace ``[B, P, n]`` or
+      A :class:`GradientEstimator` with state :class:`~jbptt.estimators.online.OnlineState` (trace ``[B, P, n]`` or
       ``[B, R, n]``) whose ``update`` returns the exact gradient of the segment loss (from the state's carry and
       influence when ``stateful``). Safe under ``jit``.
     """

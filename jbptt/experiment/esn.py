@@ -9,7 +9,8 @@ tasks, whose prediction is then the arg-max):
 
     W = (S^T S + ridge * I)^-1 S^T Y      (float64, on the host)
 
-No gradient is taken, so this is not a :class:`~jbptt.estimator.GradientEstimator`; :func:`jbptt.runner.train`
+No gradient is taken, so this is not a :class:`~jbptt.estimator.GradientEstimator`;
+:func:`~jbptt.experiment.runner.train`
 dispatches here.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from jbptt import checkpoint as ckpt
 from jbptt.cells import CELLS
-from jbptt.config import ConfigError, dump_config
+from jbptt.experiment.config import ConfigError, dump_config
 from jbptt.unroll import unroll
 
 ESN_OPTIONS = {"ridge": 1e-6, "fit_batches": 20}
@@ -70,9 +71,9 @@ def check_esn_config(cfg, source: str = "<config>") -> None:
 
 
 def fit_esn(exp, run_dir: str, *, quiet: bool = True) -> dict:
-    """Fits the ESN readout for the experiment ``exp`` (a :class:`jbptt.runner.Experiment`) and writes a run
-    folder like :func:`jbptt.runner.train` does. Returns the summary."""
-    from jbptt.runner import machine_info, make_eval_fn, make_evaluator
+    """Fits the ESN readout for the experiment ``exp`` (a :class:`~jbptt.experiment.runner.Experiment`) and writes a run
+    folder like :func:`~jbptt.experiment.runner.train` does. Returns the summary."""
+    from jbptt.experiment.runner import machine_info, make_eval_fn, make_evaluator
 
     cfg, task = exp.config, exp.task
     opts = {**ESN_OPTIONS, **cfg.estimator.options}

@@ -27,9 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jbptt.batch import Batch, batch_and_time, batch_where
 from jbptt.cells import Cell, trainable_mask
-from jbptt.estimator import Batch
-from jbptt.unroll import batch_and_time, batch_where
 
 # Per-example core: core(fs, theta, s, trace, x, loss_grad, key) -> (s_new, trace_new, loss, grad_flat)
 Core = Callable[..., tuple[Any, Any, Any, Any]]

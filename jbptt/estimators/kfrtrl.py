@@ -10,7 +10,8 @@ with independent random signs ``c1, c2`` and ``rho1 = sqrt(|D A| / |u|)``, ``rho
 the variance. Memory O(n^2 + R) per example (RTRL: O(n^3)); time O(n^3) per step (``N`` jvps for ``D A``).
 
 The factors are read off the compressed immediate influence ``m [R, N]`` (one jvp per row, see
-:func:`jbptt.online.unit_rows`), which must be rank one: true for :func:`jbptt.cells.elman` (with or without
+:func:`~jbptt.estimators.online.unit_rows`), which must be rank one: true for :func:`~jbptt.cells.elman` (with
+or without
 ``with_readout``); checked on the first eager ``update`` (an LSTM, GRU or IndRNN is refused with a clear error).
 A learned initial carry is not supported (``J_0 = 0``).
 """
@@ -23,8 +24,7 @@ import numpy as np
 
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.losses import LossFn
-from jbptt.online import (
+from jbptt.estimators.online import (
     FlatStep,
     OnlineState,
     UnitRows,
@@ -36,6 +36,7 @@ from jbptt.online import (
     scatter_rows,
     unit_rows,
 )
+from jbptt.losses import LossFn
 
 __all__ = ["kfrtrl"]
 
@@ -93,7 +94,8 @@ def kfrtrl(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 
     """KF-RTRL as a :class:`GradientEstimator` (Elman-type cells; see the module docstring).
 
     Returns:
-      A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState` (trace ``(u [B, R], A [B, n, N])``).
+      A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState` (trace
+      ``(u [B, R], A [B, n, N])``).
       ``init(params, carry, key=None)``.
     """
     checked = []

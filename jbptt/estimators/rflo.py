@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from jbptt.cells import Cell
-from jbptt.eprop import eligibility_estimator, hidden_readout
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.losses import LossFn
-from jbptt.online import (
+from jbptt.estimators.eprop import eligibility_estimator, hidden_readout
+from jbptt.estimators.online import (
     compressed_core,
     unit_rows,
 )
+from jbptt.losses import LossFn
 
 __all__ = ["rflo"]
 
@@ -36,7 +36,7 @@ def rflo(cell: Cell, loss_fn: LossFn, *, leak: float = 1.0, feedback: str = "ran
         ``"symmetric"`` (the exact ``dl/dh``).
 
     Returns:
-      A :class:`GradientEstimator` with :class:`jbptt.online.OnlineState` (eligibility ``[B, R, n]``).
+      A :class:`GradientEstimator` with :class:`jbptt.estimators.online.OnlineState` (eligibility ``[B, R, n]``).
     """
     if not 0.0 < leak <= 1.0:
         raise ValueError(f"rflo: leak must be in (0, 1], got {leak}")
