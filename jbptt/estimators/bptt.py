@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 from jax import lax
 
-from jbptt.batch import Batch, batch_and_time
+from jbptt.batch import Batch
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
 from jbptt.losses import LossFn, sequence_loss
@@ -74,8 +74,9 @@ def bptt(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, unroll_steps: i
         return BPTTState(carry)
 
     def update(params, state, batch):
-        B, _ = batch_and_time(batch.inputs)
-        carry = lax.stop_gradient(state.carry) if stateful else cell.initial_carry(params, (B,))
+        # Not stateful: the carry is built inside the differentiated function (``carry=None`` makes ``unroll``
+        # call ``cell.initial_carry(p, (B,))``), so a learned initial carry gets its gradient.
+        carry = lax.stop_gradient(state.carry) if stateful else None
         (loss, (final, _)), grads = jax.value_and_grad(
             lambda p: loss_and_outputs(cell, loss_fn, p, batch, carry, unroll_steps=unroll_steps, scan=scan,
                                        reverse_mode_only=True),
