@@ -27,7 +27,7 @@ import numpy as np
 import optax
 import yaml
 
-from jbptt import cells, losses
+from jbptt import cells, fused, losses
 from jbptt.checkpoint import atomic_write
 from jbptt.estimators.tbptt import pad_chunk, prime_state, tbptt, train_stream
 from jbptt.experiment.runner import machine_info
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     out = args.out or cfg["out"]
     k1, k2, B = int(tb["k1"]), int(tb.get("k2", tb["k1"])), int(t["batch_size"])
 
-    cell = cells.with_readout(cells.CELLS[m["cell"]](m["hidden"]), len(VOCAB))
+    cell = cells.with_readout(fused.cell(m["cell"], m["hidden"]), len(VOCAB))
     params = cell.init(jax.random.key(cfg.get("seed", 0)), len(VOCAB))
     estimator = tbptt(cell, losses.cross_entropy, k1=k1, k2=k2, stateful=True)
     optimizer = optax.chain(optax.clip_by_global_norm(o.get("clip_norm", 1.0)), optax.adam(o["lr"]))

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 import yaml
 
-from jbptt import cells, losses
+from jbptt import cells, fused, losses
 from jbptt.checkpoint import atomic_write
 from jbptt.estimators.bptt import bptt
 from jbptt.estimators.tbptt import tbptt
@@ -59,7 +59,7 @@ def train_cell_of_grid(cfg: dict, lag: int, k, seeds) -> dict:
     task = lag_task(cfg["task"], lag)
     T = task.info["seq_len"]
     m, o, t = cfg["model"], cfg["optimizer"], cfg["training"]
-    cell = cells.with_readout(cells.CELLS[m["cell"]](m["hidden"]), task.output_size)
+    cell = cells.with_readout(fused.cell(m["cell"], m["hidden"]), task.output_size)
     loss_fn = losses.get_loss(task.loss)
     estimator = bptt(cell, loss_fn) if k == "full" else tbptt(cell, loss_fn, k1=int(k))
     optimizer = optax.chain(optax.clip_by_global_norm(o.get("clip_norm", 1.0)), optax.adam(o["lr"]))

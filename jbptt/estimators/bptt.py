@@ -12,7 +12,7 @@ import jax
 from jax import lax
 
 from jbptt.batch import Batch
-from jbptt.cells import Cell
+from jbptt.cells import Cell, plain
 from jbptt.estimator import GradientEstimator, register_estimator
 from jbptt.losses import LossFn, sequence_loss
 from jbptt.unroll import ScanFn, unroll
@@ -28,7 +28,8 @@ def loss_and_outputs(cell: Cell, loss_fn: LossFn, params, batch: Batch, carry=No
       carry: initial carry (default: ``cell.initial_carry(params, (B,))``, so a learned initial carry is trained).
       unroll_steps: ``lax.scan`` unroll factor.
       scan: replacement for ``lax.scan`` (see :mod:`jbptt.remat`).
-      reverse_mode_only: passed to :func:`jbptt.unroll.unroll` (faster fused layers; no ``jax.jvp`` through it).
+      reverse_mode_only: passed to :func:`jbptt.unroll.unroll` (a fused fast path may then use a ``custom_vjp``;
+        no ``jax.jvp`` through it).
 
     Returns:
       ``loss`` (scalar weighted mean per-step loss), ``final_carry`` and ``ys: [B, T, O]``.
@@ -39,7 +40,11 @@ def loss_and_outputs(cell: Cell, loss_fn: LossFn, params, batch: Batch, carry=No
 
 
 def reference_gradient(cell: Cell, loss_fn: LossFn, params, batch: Batch, carry=None):
-    """Plain BPTT ``(loss, grads)`` by ``jax.value_and_grad`` — the reference for tests."""
+    """Plain BPTT ``(loss, grads)`` by ``jax.value_and_grad`` of the scanned ``cell.step`` — the reference for tests.
+
+    The cell's fused fast path is removed (:func:`jbptt.cells.plain`), so the reference never rests on it.
+    """
+    cell = plain(cell)
     loss, grads = jax.value_and_grad(lambda p: loss_and_outputs(cell, loss_fn, p, batch, carry)[0])(params)
     return loss, grads
 
@@ -65,8 +70,8 @@ def bptt(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, unroll_steps: i
 
     Returns:
       A :class:`GradientEstimator` whose ``update`` returns the exact gradient of the segment's loss. ``update``
-      differentiates in reverse mode only, so it unrolls with ``reverse_mode_only=True`` (an LSTM runs its
-      hand-written VJP layer); forward-mode derivatives *of* ``update`` are not supported for such cells.
+      differentiates in reverse mode only, so it unrolls with ``reverse_mode_only=True`` (a fused LSTM runs its
+      hand-written VJP layer); forward-mode derivatives *of* ``update`` are not supported for fused cells.
     """
 
     def init(params, carry):

@@ -41,8 +41,8 @@ import numpy as np
 import optax
 
 from jbptt import checkpoint as ckpt
-from jbptt import diagnostics, losses
-from jbptt.cells import CELLS, Cell, learned_initial_carry, stack, trainable_mask, with_readout
+from jbptt import diagnostics, fused, losses
+from jbptt.cells import Cell, learned_initial_carry, stack, trainable_mask, with_readout
 from jbptt.estimator import GradientEstimator, make_estimator
 from jbptt.experiment.config import Config, ConfigError, dump_config
 from jbptt.tasks import Task, make_task
@@ -88,7 +88,7 @@ def build_cell(cfg: Config, output_size: int, source: str = "<config>") -> Cell:
     carry."""
     m = cfg.model
     try:
-        layers = [CELLS[m.cell](m.hidden, dtype=_dtype(cfg), **m.options) for _ in range(m.layers)]
+        layers = [fused.cell(m.cell, m.hidden, dtype=_dtype(cfg), **m.options) for _ in range(m.layers)]
     except (TypeError, ValueError) as e:
         raise ConfigError("model.options", f"cell {m.cell!r}: {e}", source) from None
     core = (

@@ -52,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbptt.cells import Cell, Layer, layer_of
+from jbptt.cells import Cell
+from jbptt.unroll import Scan
 
 ScanFn = Callable[..., tuple[Any, Any]]
 
@@ -194,25 +195,14 @@ def _segment_scan(body, init, xs, seg_lens: Sequence[int], unroll: int):
     return _segmented(lambda c, x: lax.scan(body, c, x, unroll=unroll), init, xs, seg_lens)
 
 
-def _segment_layer(apply, seg_lens: Sequence[int], params, xs, carry, valid, reset):
-    """:func:`_segmented` with a whole-sequence function ``apply(params, xs, carry, valid, reset, unroll)`` (a
-    cell's :class:`~jbptt.cells.Layer`) at the innermost level, so a recomputed segment keeps what ``apply``'s own
-    derivative rule stores (the Elman layer: its carries only)."""
-    run = lambda c, inp: apply(params, inp[0], c, inp[1], inp[2], None)
-    return _segmented(run, carry, (xs, valid, reset), seg_lens)
+def _with_sequence(steps: ScanFn, seg_lens_of: Callable[[int], list[int]]) -> Scan:
+    """A :class:`~jbptt.unroll.Scan` that runs a cell's fused whole-sequence function on the same checkpointed
+    segments as ``steps`` (only for schedules without a checkpoint policy: a policy asks for the step scan)."""
 
+    def sequence(run, carry, xs):
+        return _segmented(run, carry, xs, seg_lens_of(_length(xs)))
 
-def _with_layer_runner(scan: ScanFn, seg_lens_of: Callable[[int], list[int]]) -> ScanFn:
-    """Gives a segmented scan the ``run_layer(apply, params, xs, carry, valid, reset, unroll)`` attribute that
-    :func:`jbptt.unroll.unroll` calls for cells with a fused :class:`~jbptt.cells.Layer` (same segments). Only
-    schedules without a checkpoint policy get it: a policy asks for the per-step scan with that policy."""
-
-    def run_layer(apply, params, xs, carry, valid, reset, unroll=None):
-        del unroll  # the layer picks its own
-        return _segment_layer(apply, seg_lens_of(int(xs.shape[0])), params, xs, carry, valid, reset)
-
-    scan.run_layer = run_layer
-    return scan
+    return Scan(steps, sequence)
 
 
 def _nested_lengths(T: int, levels: int, k: int | None) -> list[int]:
@@ -248,7 +238,7 @@ def every_k(k: int | None = None, policy: str | Callable | None = None) -> ScanF
     def impl(body, init, xs, unroll):
         return _segment_scan(_checkpointed_step(body, pol), init, xs, seg_lens(_length(xs)), unroll)
 
-    return _forward_only(impl) if pol is not None else _with_layer_runner(_forward_only(impl), seg_lens)
+    return _forward_only(impl) if pol is not None else _with_sequence(_forward_only(impl), seg_lens)
 
 
 def sqrt(policy: str | Callable | None = None) -> ScanFn:
@@ -276,7 +266,7 @@ def nested(levels: int = 3, k: int | None = None, policy: str | Callable | None 
     def impl(body, init, xs, unroll):
         return _segment_scan(_checkpointed_step(body, pol), init, xs, seg_lens(_length(xs)), unroll)
 
-    return _forward_only(impl) if pol is not None else _with_layer_runner(_forward_only(impl), seg_lens)
+    return _forward_only(impl) if pol is not None else _with_sequence(_forward_only(impl), seg_lens)
 
 
 def _segment_evaluations(T: int, seg_lens: Sequence[int]) -> int:
@@ -830,31 +820,13 @@ def counting_cell(cell: Cell, counter: list) -> Cell:
         bump(1, carry, x)
         return cell.step(params, carry, x)
 
-    def wrap(f):  # f(params, xs, carry, valid, reset, unroll)
-        if f is None:
-            return None
-
-        def run(params, xs, carry, valid, reset, unroll):
+    fused = None
+    if cell.fused is not None:
+        def fused(params, xs, carry, valid, reset, **kwargs):
             bump(int(xs.shape[0]), carry, xs)
-            return f(params, xs, carry, valid, reset, unroll)
+            return cell.fused(params, xs, carry, valid, reset, **kwargs)
 
-        return run
-
-    def wrap_readout(f):  # f(params, readout_params, xs, carry, valid, reset, unroll)
-        if f is None:
-            return None
-
-        def run(params, readout, xs, carry, valid, reset, unroll):
-            bump(int(xs.shape[0]), carry, xs)
-            return f(params, readout, xs, carry, valid, reset, unroll)
-
-        return run
-
-    layer = layer_of(cell)
-    if layer is not None:
-        layer = Layer(step, wrap(layer.apply), wrap(layer.segment), wrap_readout(layer.segment_readout),
-                      wrap(layer.apply_reverse))
-    return cell._replace(step=step, layer=layer)
+    return cell._replace(step=step, fused=fused)
 
 
 def evaluations(policy: str, T: int, **kwargs) -> int:
