@@ -69,13 +69,14 @@ def bptt(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, unroll_steps: i
       scan: replacement for ``lax.scan``, e.g. a checkpointing schedule from :mod:`jbptt.remat`.
 
     Returns:
-      A :class:`GradientEstimator` whose ``update`` returns the exact gradient of the segment's loss. ``update``
+      A :class:`GradientEstimator` whose ``init(params, carry, *, key=None, inputs=None)`` keeps ``carry`` (``key``
+      and ``inputs`` are not needed) and whose ``update`` returns the exact gradient of the segment's loss. ``update``
       differentiates in reverse mode only, so it unrolls with ``reverse_mode_only=True`` (a fused LSTM runs its
       hand-written VJP layer); forward-mode derivatives *of* ``update`` are not supported for fused cells.
     """
 
-    def init(params, carry):
-        del params
+    def init(params, carry, *, key=None, inputs=None):
+        del params, key, inputs
         return BPTTState(carry)
 
     def update(params, state, batch):

@@ -11,9 +11,8 @@ the variance. Memory O(n^2 + R) per example (RTRL: O(n^3)); time O(n^3) per step
 
 The factors are read off the compressed immediate influence ``m [R, N]`` (one jvp per row, see
 :func:`~jbptt.estimators.online.unit_rows`), which must be rank one: true for :func:`~jbptt.cells.elman` (with
-or without
-``with_readout``); checked on the first eager ``update`` (an LSTM, GRU or IndRNN is refused with a clear error).
-A learned initial carry is not supported (``J_0 = 0``).
+or without ``with_readout``). ``init`` checks it on an example input and refuses other cells (LSTM, GRU, IndRNN)
+and a learned initial carry (the trace starts at ``J_0 = 0``) with a clear error.
 """
 
 from __future__ import annotations
@@ -24,21 +23,11 @@ import numpy as np
 
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.estimators.online import (
-    FlatStep,
-    OnlineState,
-    UnitRows,
-    flat_step,
-    init_state,
-    is_concrete,
-    online_segment,
-    row_tangents,
-    scatter_rows,
-    unit_rows,
-)
+from jbptt.estimators.compressed import row_tangents, scatter_rows
+from jbptt.estimators.online import FlatStep, UnitRows, check_on_example, flat_step, online_estimator, unit_rows
 from jbptt.losses import LossFn
 
-__all__ = ["kfrtrl"]
+__all__ = ["check_rank_one", "kfrtrl"]
 
 
 def _rank_one(m):
@@ -76,11 +65,14 @@ def kf_core(rows: UnitRows, eps: float):
 
 
 def check_rank_one(cell: Cell, params, x, *, key=None, rtol: float = 1e-6):
-    """Raises unless the compressed immediate influence of ``cell`` has rank one (an Elman-type cell)."""
+    """Raises unless the compressed immediate influence of ``cell`` has rank one (an Elman-type cell) and the
+    initial carry is fixed. ``x`` is one example's input; call it eagerly."""
     rows = unit_rows(cell, params)
     if rows.C != 1:
         raise ValueError(f"kfrtrl needs a single-component carry (Elman); this cell has {rows.C} components")
     fs = flat_step(cell, params)
+    if np.any(np.asarray(jax.jacfwd(fs.carry0)(fs.theta)) != 0):
+        raise ValueError("kfrtrl does not support a learned initial carry (its trace starts at J_0 = 0); use uoro")
     s = jax.random.normal(jax.random.key(0) if key is None else key, (fs.n,), fs.theta.dtype)
     sv = np.linalg.svd(np.asarray(_immediate(fs, rows, fs.theta, s, x)), compute_uv=False)
     if sv.size > 1 and sv[1] > rtol * sv[0]:
@@ -93,30 +85,26 @@ def check_rank_one(cell: Cell, params, x, *, key=None, rtol: float = 1e-6):
 def kfrtrl(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 1e-7) -> GradientEstimator:
     """KF-RTRL as a :class:`GradientEstimator` (Elman-type cells; see the module docstring).
 
+    Args:
+      stateful: carry and Kronecker factors continue between segments (online learning).
+      eps: keeps the variance-reduction scalings finite.
+
     Returns:
       A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState` (trace
-      ``(u [B, R], A [B, n, N])``).
-      ``init(params, carry, key=None)``.
+      ``(u [B, R], A [B, n, N])``); ``init(params, carry, *, key=None, inputs=...)`` needs an example segment
+      ``inputs`` for its rank-one check; ``key`` seeds the random signs.
     """
-    checked = []
 
-    def trace0_for(rows):
+    def parts(params):
+        rows = unit_rows(cell, params)
+
         def trace0(fs, theta, key):
             del key
             return jnp.zeros((rows.idx.shape[0],), theta.dtype), jnp.zeros((fs.n, rows.N), theta.dtype)
 
-        return trace0
+        return kf_core(rows, eps), trace0
 
-    def init(params, carry, key=None):
-        return init_state(cell, params, carry, trace0_for(unit_rows(cell, params)), key)
+    def check(params, carry, inputs):
+        check_on_example("kfrtrl", lambda p, x: check_rank_one(cell, p, x), params, inputs)
 
-    def update(params, state: OnlineState, batch):
-        x0 = jax.tree.map(lambda a: a[0, 0], batch.inputs)
-        if not checked and is_concrete((params, x0)):
-            check_rank_one(cell, params, x0)
-            checked.append(True)
-        rows = unit_rows(cell, params)
-        return online_segment(cell, loss_fn, params, state, batch, core=kf_core(rows, eps),
-                              trace0=trace0_for(rows), stateful=stateful)
-
-    return GradientEstimator(init, update)
+    return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check)

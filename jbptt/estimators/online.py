@@ -1,19 +1,20 @@
-"""Shared machinery of the online (forward-in-time) estimators: RTRL, SnAp, UORO, e-prop, RFLO.
+"""The shared core of the online (forward-in-time) estimators: RTRL, SnAp, UORO, KF-RTRL, e-prop, RFLO.
 
 Every online estimator runs the segment step by step and keeps, next to the cell's carry, a per-example *trace*
-(the influence matrix ``J_t = d carry_t / d theta`` or an approximation of it). This module provides
+(the influence matrix ``J_t = d carry_t / d theta`` or an approximation of it). An algorithm is a per-example
+:data:`Core` that advances the trace and a ``trace0`` that starts it; this module provides the rest:
 
 - :func:`flat_step`: the cell's step for ONE example over flat vectors ``theta: [P]`` (trainable parameters only;
   leaves under a ``"fixed"`` key are left out) and ``s: [n]`` (the raveled carry);
-- :func:`online_segment`: the scan over a segment that handles resets, ``seq_lengths``, loss weights and the
-  accumulation of loss and gradient, given a per-example ``core`` that advances the trace;
-- :func:`unit_rows` / :func:`compressed_core`: the compressed influence for cells whose parameters each drive one
-  unit (SnAp-1, e-prop, RFLO and the exact element-wise path of RTRL).
+- :func:`online_segment`: the scan over a segment (resets, ``seq_lengths``, loss weights, accumulation of loss and
+  gradient) and :func:`online_estimator`, the :class:`~jbptt.estimator.GradientEstimator` around it;
+- the dense influence ``[P, n]`` of exact RTRL and SnAp-n (:func:`dense_core`, :func:`dense_trace0`), the layout
+  :func:`unit_rows` of the compressed per-unit influence (its cores are in :mod:`.compressed`) and the size guard
+  :func:`influence_bytes` / :func:`check_influence_size`.
 
-Online learning. ``update`` returns the exact (or estimated) gradient of the segment's loss, and the returned state
-holds the carry and the trace at the segment's end. With ``stateful=True`` the next ``update`` continues from
-there, so a trainer that feeds short segments (e.g. ``n`` steps; see :func:`split_segment`) applies an optimizer
-update every ``n`` steps while the influence matrix is carried forward: no past is stored. With the default
+Online learning: ``update`` returns the exact (or estimated) gradient of the segment's loss and the state at its
+end. With ``stateful=True`` the next ``update`` continues from there, so feeding short segments (see
+:func:`split_segment`) with an optimizer update after each is online learning: no past is stored. With the default
 ``stateful=False`` every update starts from the initial carry (independent batches of whole sequences, as BPTT).
 """
 
@@ -27,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jbptt.batch import Batch, batch_and_time, batch_where
-from jbptt.cells import Cell, trainable_mask
+from jbptt.batch import Batch, batch_and_time
+from jbptt.cells import Cell, masked_step, trainable_mask
+from jbptt.estimator import GradientEstimator
 
-# Per-example core: core(fs, theta, s, trace, x, loss_grad, key) -> (s_new, trace_new, loss, grad_flat)
 Core = Callable[..., tuple[Any, Any, Any, Any]]
+"""``core(fs, theta, s, trace, x, loss_grad, key) -> (s_new, trace_new, loss, grad [P])`` for one example, where
+``loss_grad(y) -> (weighted loss, dloss/dy)`` and ``key`` is this step's PRNG key."""
 
 
 class OnlineState(NamedTuple):
@@ -40,7 +43,7 @@ class OnlineState(NamedTuple):
     Attributes:
       carry: the cell's carry, leaves ``[B, ...]``.
       trace: the per-example trace (influence matrix or its approximation), leaves ``[B, ...]``.
-      key: PRNG key for stochastic estimators (UORO); split at every update.
+      key: PRNG key for stochastic estimators (UORO, KF-RTRL); split at every update.
     """
 
     carry: Any
@@ -95,8 +98,7 @@ def flatten_trainable(params):
 def flat_step(cell: Cell, params) -> FlatStep:
     """Builds the one-example flat view :class:`FlatStep` of ``cell`` at ``params``. Safe under ``jit``."""
     theta, rebuild = flatten_trainable(params)
-    carry_example = cell.initial_carry(params, ())
-    s_example, unravel_carry = ravel_pytree(carry_example)
+    s_example, unravel_carry = ravel_pytree(cell.initial_carry(params, ()))
 
     def ravel_carry(c):
         return ravel_pytree(c)[0]
@@ -114,14 +116,26 @@ def flat_step(cell: Cell, params) -> FlatStep:
                     int(s_example.shape[0]), int(theta.shape[0]))
 
 
-def is_concrete(tree) -> bool:
-    """True when no leaf of ``tree`` is a tracer (eager call), so host-side checks on values may run."""
-    try:
-        for leaf in jax.tree_util.tree_leaves(tree):
-            np.asarray(leaf)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return False
-    return True
+def batch_size(carry) -> int:
+    """``B`` read from the leading axis of the carry's first leaf."""
+    return int(jnp.shape(jax.tree_util.tree_leaves(carry)[0])[0])
+
+
+def check_on_example(name: str, check: Callable, params, inputs):
+    """Runs ``check(params, x)`` on one example's first step ``x`` of ``inputs`` (leaves ``[B, T, ...]``).
+
+    Called by ``init`` of estimators that are defined only for some cells. The check runs when ``params`` and
+    ``inputs`` are concrete (an eager ``init``); under ``jit`` or ``eval_shape`` it is skipped.
+
+    Raises:
+      ValueError: ``inputs`` is ``None`` (the check needs an input), or whatever ``check`` raises.
+    """
+    if inputs is None:
+        raise ValueError(f"{name}: init needs inputs= (an example segment, leaves [B, T, ...]) to check that the "
+                         "cell suits the algorithm")
+    x = jax.tree.map(lambda a: a[0, 0], inputs)
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((params, x))):
+        check(params, x)
 
 
 def loss_grad_fn(loss_fn, target, scale):
@@ -137,15 +151,14 @@ def online_segment(cell: Cell, loss_fn, params, state: OnlineState, batch: Batch
       cell, loss_fn, params: the model and per-step loss.
       state: :class:`OnlineState` with carry ``[B, ...]`` and trace ``[B, ...]``.
       batch: the segment, ``[B, T, ...]``.
-      core: ``core(fs, theta, s, trace, x, loss_grad, key) -> (s_new, trace_new, loss, grad [P])`` for one
-        example, where ``loss_grad(y) -> (weighted loss, dloss/dy)`` (weights already include ``1/sum(w)``).
+      core: the per-example :data:`Core` (its ``loss_grad`` weights already include ``1 / sum(w)``).
       trace0: ``trace0(fs, theta, key) -> trace`` for one example: the trace at the initial carry (used at resets
         and, when not ``stateful``, at the segment start).
       stateful: continue from ``state`` (online learning) or restart from the initial carry.
 
     Returns:
       ``(loss, grads, new_state)``: the weighted mean per-step loss, gradients shaped like ``params`` and the
-      state at the end of the segment.
+      state at the end of the segment. Safe under ``jit``.
     """
     fs = flat_step(cell, params)
     theta = fs.theta
@@ -155,10 +168,8 @@ def online_segment(cell: Cell, loss_fn, params, state: OnlineState, batch: Batch
     total = jnp.sum(w)
     scale = w / jnp.where(total > 0, total, 1.0)  # [B, T]
     s_fresh = jnp.broadcast_to(fs.carry0(theta), (B, fs.n))
-    if stateful:
-        s, trace = jax.vmap(fs.ravel_carry)(state.carry), state.trace
-    else:
-        s, trace = s_fresh, jax.vmap(lambda k: trace0(fs, theta, k))(jax.random.split(k_init, B))
+    fresh_traces = lambda k: jax.vmap(lambda kk: trace0(fs, theta, kk))(jax.random.split(k, B))
+    start = (jax.vmap(fs.ravel_carry)(state.carry), state.trace) if stateful else (s_fresh, fresh_traces(k_init))
     resets = None if batch.resets is None else jnp.asarray(batch.resets, bool)
     valid = None if batch.seq_lengths is None else \
         jnp.arange(T)[None, :] < jnp.asarray(batch.seq_lengths)[:, None]
@@ -166,40 +177,66 @@ def online_segment(cell: Cell, loss_fn, params, state: OnlineState, batch: Batch
     def one(s, tr, x, target, sc, k):
         return core(fs, theta, s, tr, x, loss_grad_fn(loss_fn, target, sc), k)
 
+    def step(_, carry, inp):  # the batched step over (s, trace); y = [loss, grad] per example, [B, 1 + P]
+        s_new, tr_new, loss, grad = jax.vmap(one)(*carry, *inp)
+        return (s_new, tr_new), jnp.concatenate([loss[:, None].astype(grad.dtype), grad], axis=1)
+
     def at(tree, t):
         """Step ``t`` of batch-major leaves, read inside the scan so that nothing of size T is copied."""
-        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False), tree)
+        return None if tree is None else \
+            jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False), tree)
 
     def body(acc, t):
-        s, tr, loss, g = acc
-        k = jax.random.split(jax.random.fold_in(k_steps, t), B)
-        if resets is not None:
-            r = at(resets, t)
-            fresh_tr = jax.vmap(lambda kk: trace0(fs, theta, kk))(jax.random.split(jax.random.fold_in(k_init, t), B))
-            s, tr = batch_where(r, (s_fresh, fresh_tr), (s, tr))
-        s_new, tr_new, l, gb = jax.vmap(one)(s, tr, at(batch.inputs, t), at(batch.targets, t), at(scale, t), k)
-        # keep the scan's carry types when inputs come in another float dtype than the parameters
-        s_new, tr_new = jax.tree.map(lambda a, b: a.astype(b.dtype), (s_new, tr_new), (s, tr))
-        l, gb = jnp.sum(l).astype(loss.dtype), jnp.sum(gb, axis=0).astype(g.dtype)
-        if valid is not None:
-            s_new, tr_new = batch_where(at(valid, t), (s_new, tr_new), (s, tr))
-        return (s_new, tr_new, loss + l, g + gb), None
+        carry, total = acc
+        fresh = None if resets is None else (s_fresh, fresh_traces(jax.random.fold_in(k_init, t)))
+        keys = jax.random.split(jax.random.fold_in(k_steps, t), B)
+        inp = (at(batch.inputs, t), at(batch.targets, t), at(scale, t), keys)
+        carry, y = masked_step(step, None, carry, inp, at(valid, t), at(resets, t), fresh)
+        return (carry, total + jnp.sum(y, axis=0).astype(total.dtype)), None
 
-    init = (s, trace, jnp.zeros((), theta.dtype), jnp.zeros_like(theta))
-    (s, trace, loss, g), _ = jax.lax.scan(body, init, jnp.arange(T))
+    ((s, trace), total), _ = jax.lax.scan(body, (start, jnp.zeros((1 + fs.P,), theta.dtype)), jnp.arange(T))
     new_state = OnlineState(jax.vmap(fs.unravel_carry)(s), trace, key) if stateful else \
         OnlineState(state.carry, state.trace, key)
-    return loss, fs.grads(g), new_state
+    return total[0], fs.grads(total[1:]), new_state
 
 
 def init_state(cell: Cell, params, carry, trace0: Callable, key=None) -> OnlineState:
-    """The :class:`OnlineState` at ``carry`` (leaves ``[B, ...]``) with every example's trace from ``trace0``."""
+    """The :class:`OnlineState` at ``carry`` (leaves ``[B, ...]``) with every example's trace from ``trace0``;
+    ``key`` (default ``jax.random.key(0)``) seeds the traces and is kept for the updates."""
     fs = flat_step(cell, params)
-    B = jax.tree_util.tree_leaves(carry)[0].shape[0]
     key = jax.random.key(0) if key is None else key
     key, sub = jax.random.split(key)
-    trace = jax.vmap(lambda k: trace0(fs, fs.theta, k))(jax.random.split(sub, B))
+    trace = jax.vmap(lambda k: trace0(fs, fs.theta, k))(jax.random.split(sub, batch_size(carry)))
     return OnlineState(carry, trace, key)
+
+
+def online_estimator(cell: Cell, loss_fn, parts: Callable, *, stateful: bool,
+                     check: Callable | None = None) -> GradientEstimator:
+    """The :class:`~jbptt.estimator.GradientEstimator` of an online algorithm.
+
+    Args:
+      cell, loss_fn: the model and per-step loss.
+      parts: ``parts(params) -> (core, trace0)``, the algorithm at ``params`` (shape-level work only; it runs
+        while ``update`` is traced).
+      stateful: see :func:`online_segment`.
+      check: optional ``check(params, carry, inputs)`` run by ``init`` before anything is allocated; raises
+        ``ValueError`` where the algorithm does not apply (see :func:`check_on_example`).
+
+    Returns:
+      ``GradientEstimator(init, update)`` with ``init(params, carry, *, key=None, inputs=None) -> OnlineState``
+      (``key`` seeds the estimator's randomness) and a pure, jit-safe ``update``.
+    """
+
+    def init(params, carry, *, key=None, inputs=None):
+        if check is not None:
+            check(params, carry, inputs)
+        return init_state(cell, params, carry, parts(params)[1], key)
+
+    def update(params, state: OnlineState, batch: Batch):
+        core, trace0 = parts(params)
+        return online_segment(cell, loss_fn, params, state, batch, core=core, trace0=trace0, stateful=stateful)
+
+    return GradientEstimator(init, update)
 
 
 def split_segment(batch: Batch, n: int) -> list[Batch]:
@@ -223,7 +260,7 @@ def split_segment(batch: Batch, n: int) -> list[Batch]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Compressed influence for unit-structured cells.
+# Influence layouts: dense [P, n] (exact RTRL, SnAp-n) and compressed per unit [R, n] (see .compressed).
 
 
 class UnitRows(NamedTuple):
@@ -269,89 +306,66 @@ def unit_rows(cell: Cell, params) -> UnitRows:
     return UnitRows(np.concatenate(rows).astype(np.int32), C, N)
 
 
-def row_tangents(rows: UnitRows, P: int, dtype):
-    """``[R, P]`` tangents: row ``r`` is 1 at the positions ``rows.idx[r]`` (all units at once)."""
-    R = rows.idx.shape[0]
-    return jnp.zeros((R, P), dtype).at[np.arange(R)[:, None], rows.idx].set(1.0)
+
+DEFAULT_MAX_INFLUENCE_BYTES = 2 << 30
 
 
-def scatter_rows(rows: UnitRows, values, P: int):
-    """Scatters per-row, per-unit values ``[R, N]`` to a flat ``[P]`` vector at ``rows.idx``."""
-    return jnp.zeros((P,), values.dtype).at[rows.idx.reshape(-1)].add(values.reshape(-1))
+def carry_size(cell: Cell, params) -> int:
+    """``n``, the number of scalars in one example's carry (from shapes only)."""
+    carry = jax.eval_shape(lambda p: cell.initial_carry(p, ()), params)
+    return int(sum(np.prod(jnp.shape(c)) for c in jax.tree_util.tree_leaves(carry)))
 
 
-def compressed_gradient(rows: UnitRows, trace, gs, P: int):
-    """``sum_{c} gs[c, j] * trace[r, c, j]`` scattered to ``[P]``: the influence term of the gradient.
-
-    Args:
-      trace: ``[R, C*N]`` compressed influence; ``gs``: ``[C*N]`` the loss cotangent of the carry.
-    """
-    R = rows.idx.shape[0]
-    v = jnp.sum(trace.reshape(R, rows.C, rows.N) * gs.reshape(rows.C, rows.N), axis=1)
-    return scatter_rows(rows, v, P)
+def influence_bytes(cell: Cell, params, batch_size: int, *, diagonal: bool = False) -> int:
+    """Bytes of the influence matrix of ``batch_size`` examples: ``B * P * n * itemsize`` (dense ``[P, n]``) or
+    ``B * R * n * itemsize`` (compressed per unit, :func:`unit_rows`). From shapes only; nothing is allocated."""
+    theta = jax.eval_shape(lambda p: flat_step(cell, p).theta, params)
+    rows = unit_rows(cell, params).idx.shape[0] if diagonal else int(theta.shape[0])
+    return int(batch_size) * rows * carry_size(cell, params) * jnp.dtype(theta.dtype).itemsize
 
 
-def compressed_trace0(rows: UnitRows):
-    """``trace0`` for the compressed influence: ``d s0 / d theta`` along the row tangents (zero for a fixed s0)."""
-
-    def trace0(fs: FlatStep, theta, key):
-        del key
-        tangents = row_tangents(rows, fs.P, theta.dtype)
-        return jax.vmap(lambda t: jax.jvp(fs.carry0, (theta,), (t,))[1])(tangents)
-
-    return trace0
-
-
-def unit_blocks(D, C: int, N: int):
-    """The per-unit ``C x C`` blocks of a carry Jacobian ``D: [C*N, C*N]``. Returns ``[N, C, C]``."""
-    return jnp.einsum("cjdj->jcd", D.reshape(C, N, C, N))
+def check_influence_size(nbytes: int, limit: int | None, what: str):
+    """Raises ``ValueError`` (suggesting the approximations) when ``nbytes`` exceeds ``limit`` (``None``: no limit)."""
+    if limit is not None and nbytes > limit:
+        raise ValueError(
+            f"exact RTRL: the influence matrix ({what}) needs {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB), above "
+            f"max_influence_bytes={limit:,}. Use an approximation instead: estimator 'snap1' (sparse, "
+            "O(params) memory), 'uoro' (rank one), 'eprop' or 'rflo'; or rtrl(diagonal=True) for element-wise "
+            "cells; or a smaller batch; or raise max_influence_bytes.")
 
 
-def compressed_core(rows: UnitRows, block: Callable | None, *, readout: Callable | None = None,
-                    feedback: Callable | None = None) -> Core:
-    """A core that advances the compressed influence ``[R, C*N]``.
+def dense_trace0(fs: FlatStep, theta, key):
+    """``J_0 = d s_0 / d theta`` as ``[P, n]`` (zero unless the initial carry is learned)."""
+    del key
+    return jax.jacrev(fs.carry0)(theta).T
 
-    Args:
-      rows: the layout.
-      block: ``None`` for the exact element-wise update (one jvp per row, exact when the carry Jacobian is
-        block-diagonal per unit); otherwise ``block(blocks [N, C, C], fs, theta, s, x) -> [N, C, C]``: the per-unit
-        blocks of the carry Jacobian that the approximation keeps (SnAp-1: all of them; e-prop: the internal
-        components; RFLO: a leak).
-      readout: optional ``readout(params, new_carry, x) -> y`` equal to the step's output. Given it, the gradient
-        is ``dl/dtheta|_readout + (dl/ds_t) J_t`` with the approximate ``J_t`` (the e-prop / RFLO form: learning
-        signal at ``s_t`` times eligibility). Without it, ``(dl/ds_{t-1}) J_{t-1}`` plus the exact immediate term
-        is used (any cell; SnAp, exact element-wise RTRL).
-      feedback: optional ``feedback(gy [O], gs [n]) -> gs`` replacing the learning signal ``dl/ds_t`` (RFLO's
-        random feedback); needs ``readout``.
+
+def dense_core(mode: str = "jacobian", mask=None) -> Core:
+    """The :data:`Core` advancing the dense influence ``J [P, n]`` (restricted to a boolean ``mask [P, n]``: SnAp-n).
+
+    ``mode="jacobian"``: ``n + 1`` vector-Jacobian products give ``ds_t/dtheta``, ``ds_t/ds_{t-1}`` and the loss
+    cotangents, then ``J_t = J_{t-1} (ds_t/ds_{t-1})^T + ds_t/dtheta`` is one ``[P, n] x [n, n]`` product.
+    ``mode="jvp"``: ``jax.linearize`` of the step pushed along the ``P`` directions ``(e_k, J[k])`` (one pass gives
+    ``J_t[k]`` and ``dy_t/dtheta_k``; a ``[P, P]`` identity of tangents, a factor ``n`` more work).
     """
 
-    def core(fs: FlatStep, theta, s, trace, x, loss_grad, key):
+    def core(fs: FlatStep, theta, s, J, x, loss_grad, key):
         del key
         f = lambda th, ss: fs.step(th, ss, x)
-        if readout is None:
+        if mode == "jvp":
+            (s_new, y), lin = jax.linearize(f, theta, s)
+            J_new, dy = jax.vmap(lin)(jnp.eye(fs.P, dtype=theta.dtype), J)  # [P, n], [P, O]
+            loss, gy = loss_grad(y)
+            grad = dy.reshape(fs.P, -1) @ gy.reshape(-1)
+        else:
             (s_new, y), vjp = jax.vjp(f, theta, s)
             loss, gy = loss_grad(y)
-            gth, gs = vjp((jnp.zeros_like(s_new), gy))
-            grad = gth + compressed_gradient(rows, trace, gs, fs.P)
-        tangents = row_tangents(rows, fs.P, theta.dtype)
-        _, lin = jax.linearize(lambda th, ss: f(th, ss)[0], theta, s)
-        if block is None:
-            new = jax.vmap(lin)(tangents, trace)
-        else:
-            m = jax.vmap(lambda t: lin(t, jnp.zeros_like(s)))(tangents)  # [R, n] immediate influence
-            d_cols = jax.vmap(lambda e: lin(jnp.zeros_like(theta), e))(jnp.eye(fs.n, dtype=s.dtype))  # D^T
-            blocks = block(unit_blocks(d_cols.T, rows.C, rows.N), fs, theta, s, x)
-            R = rows.idx.shape[0]
-            prop = jnp.einsum("jcd,rdj->rcj", blocks, trace.reshape(R, rows.C, rows.N))
-            new = prop.reshape(R, -1) + m
-        if readout is not None:
-            s_new = f(theta, s)[0]
-            y, vjp = jax.vjp(lambda th, sn: readout(fs.params(th), fs.unravel_carry(sn), x), theta, s_new)
-            loss, gy = loss_grad(y)
-            gth, gs = vjp(gy)
-            if feedback is not None:
-                gs = feedback(gy, gs)
-            grad = gth + compressed_gradient(rows, new, gs, fs.P)
-        return s_new, new, loss, grad
+            eye = jnp.eye(fs.n, dtype=s.dtype)
+            cts = (jnp.concatenate([eye, jnp.zeros((1, fs.n), s.dtype)]),
+                   jnp.concatenate([jnp.zeros((fs.n,) + gy.shape, gy.dtype), gy[None]]))
+            gth, gs = jax.vmap(vjp)(cts)  # [n+1, P], [n+1, n]: rows i < n are d s_new[i] / d(theta, s)
+            J_new = J @ gs[:-1].T + gth[:-1].T
+            grad = gth[-1] + J @ gs[-1]
+        return s_new, J_new if mask is None else jnp.where(mask, J_new, 0.0), loss, grad
 
     return core

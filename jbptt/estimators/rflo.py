@@ -15,11 +15,7 @@ import jax.numpy as jnp
 
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.estimators.eprop import eligibility_estimator, hidden_readout
-from jbptt.estimators.online import (
-    compressed_core,
-    unit_rows,
-)
+from jbptt.estimators.compressed import eligibility_estimator, hidden_readout
 from jbptt.losses import LossFn
 
 __all__ = ["rflo"]
@@ -32,26 +28,28 @@ def rflo(cell: Cell, loss_fn: LossFn, *, leak: float = 1.0, feedback: str = "ran
 
     Args:
       leak: ``a`` in ``(0, 1]``; the eligibility decays by ``1 - a`` per step.
-      feedback: ``"random"`` (fixed ``B [n, O]`` with entries ``N(0, 1/O)`` from ``feedback_seed``) or
-        ``"symmetric"`` (the exact ``dl/dh``).
+      feedback: ``"random"`` (a fixed ``B [n, O]`` with entries ``N(0, 1/O)``, part of the model like a fixed
+        weight, drawn from ``feedback_seed``) or ``"symmetric"`` (the exact ``dl/dh``).
+      readout: ``readout(params, new_carry, x) -> y`` matching the step's output (checked by ``init``).
+      stateful: carry and eligibility continue between segments (online learning).
 
     Returns:
-      A :class:`GradientEstimator` with :class:`jbptt.estimators.online.OnlineState` (eligibility ``[B, R, n]``).
+      A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState` (eligibility ``[B, R, n]``);
+      ``init(params, carry, *, key=None, inputs=...)`` needs an example segment ``inputs`` for its readout check.
     """
     if not 0.0 < leak <= 1.0:
         raise ValueError(f"rflo: leak must be in (0, 1], got {leak}")
     if feedback not in ("random", "symmetric"):
         raise ValueError(f"rflo: feedback must be 'random' or 'symmetric', got {feedback!r}")
-    def parts(params):
-        rows = unit_rows(cell, params)
-        block = lambda blocks, *_: (1.0 - leak) * jnp.broadcast_to(jnp.eye(rows.C, dtype=blocks.dtype), blocks.shape)
-        fb = None
-        if feedback == "random":
-            n, O = rows.C * rows.N, cell.output_size
-            fb_matrix = jax.random.normal(jax.random.key(feedback_seed), (n, O)) / jnp.sqrt(O)
-            # only the first component (h) reads out; the rest of the learning signal is zero
-            fb_matrix = fb_matrix * (jnp.arange(n) < rows.N)[:, None]
-            fb = lambda gy, gs: (fb_matrix.astype(gy.dtype) @ gy.reshape(-1)).astype(gs.dtype)
-        return rows, compressed_core(rows, block, readout=readout, feedback=fb)
 
-    return eligibility_estimator(cell, loss_fn, parts, readout=readout, stateful=stateful)
+    def block_for(rows):
+        return lambda blocks, *_: (1.0 - leak) * jnp.broadcast_to(jnp.eye(rows.C, dtype=blocks.dtype), blocks.shape)
+
+    def feedback_for(rows):
+        n, O = rows.C * rows.N, cell.output_size
+        matrix = jax.random.normal(jax.random.key(feedback_seed), (n, O)) / jnp.sqrt(O)
+        matrix = matrix * (jnp.arange(n) < rows.N)[:, None]  # only the first component (h) reads out
+        return lambda gy, gs: (matrix.astype(gy.dtype) @ gy.reshape(-1)).astype(gs.dtype)
+
+    return eligibility_estimator("rflo", cell, loss_fn, block_for, readout=readout,
+                                 feedback_for=feedback_for if feedback == "random" else None, stateful=stateful)

@@ -1,7 +1,8 @@
 """SnAp-n (Menick et al. 2020): the influence matrix restricted to the sparsity pattern of the n-step Jacobian.
 
 ``J_t = (D_t J_{t-1} + M_t) ⊙ pattern_n`` where ``M_t = ds_t/dtheta`` (immediate influence), ``D_t = ds_t/ds_{t-1}``
-and ``pattern_n`` marks the entries of ``J`` that are non-zero after ``n`` steps: ``bool(sum_{k<n} |D|^k |M|)``.
+and ``pattern_n`` marks the entries of ``J`` that are non-zero after ``n`` steps: ``bool(sum_{k<n} |D|^k |M|)``
+(plus ``|D|^k |J_0|`` for a learned initial carry).
 
 - ``snap1``: stored compressed, one row per parameter row that drives unit ``j`` (``[R, n]``, memory O(P)), with
   ``D`` reduced to its per-unit blocks (``[N, C, C]``; LSTM keeps the ``(h, c)`` block of each unit). It equals
@@ -12,7 +13,7 @@ and ``pattern_n`` marks the entries of ``J`` that are non-zero after ``n`` steps
 
 The gradient of step ``t`` contracts the loss cotangent of the carry entering the step with the sparse ``J_{t-1}``
 (plus the exact immediate term), i.e. the last step before each loss is propagated exactly, as for every estimator
-built on :func:`jbptt.estimators.online.compressed_core` without a ``readout``.
+built on :func:`jbptt.estimators.compressed.compressed_core` without a ``readout``.
 """
 
 from __future__ import annotations
@@ -22,17 +23,22 @@ import jax.numpy as jnp
 
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
+from jbptt.estimators.compressed import compressed_core, compressed_trace0
 from jbptt.estimators.online import (
+    DEFAULT_MAX_INFLUENCE_BYTES,
     FlatStep,
     OnlineState,
-    compressed_core,
-    compressed_trace0,
+    batch_size,
+    check_influence_size,
+    dense_core,
+    dense_trace0,
     flat_step,
+    influence_bytes,
     init_state,
+    online_estimator,
     online_segment,
     unit_rows,
 )
-from jbptt.estimators.rtrl import check_influence_size, dense_core, dense_trace0, influence_bytes
 from jbptt.losses import LossFn
 
 __all__ = ["snap", "snap1", "snap2", "snap_pattern"]
@@ -40,6 +46,9 @@ __all__ = ["snap", "snap1", "snap2", "snap_pattern"]
 
 def snap_pattern(fs: FlatStep, theta, x, n_steps: int, key):
     """The SnAp-n pattern ``[P, n]`` (booleans) measured at a random perturbation of ``(theta, s, x)``.
+
+    The entries of ``J`` that ``n`` steps can make non-zero, starting from the immediate influence ``M`` and from
+    ``J_0 = d s_0 / d theta`` (a learned initial carry): ``bool(sum_{k<n} |D|^k (|M| + |J_0|))``.
 
     Args:
       fs: the flat view of the cell; ``x``: one example's input; ``key``: PRNG key for the perturbation.
@@ -50,7 +59,7 @@ def snap_pattern(fs: FlatStep, theta, x, n_steps: int, key):
     x = jax.tree.map(lambda a: a + jax.random.normal(k3, jnp.shape(a), a.dtype)
                      if jnp.issubdtype(a.dtype, jnp.floating) else a, x)
     M, D = jax.jacfwd(lambda t, ss: fs.step(t, ss, x)[0], argnums=(0, 1))(th, s)
-    a = (jnp.abs(M) > 0).astype(theta.dtype)
+    a = ((jnp.abs(M) + jnp.abs(jax.jacfwd(fs.carry0)(th))) > 0).astype(theta.dtype)
     d = (jnp.abs(D) > 0).astype(theta.dtype)
     acc = a
     for _ in range(n_steps - 1):
@@ -61,25 +70,27 @@ def snap_pattern(fs: FlatStep, theta, x, n_steps: int, key):
 
 @register_estimator("snap")
 def snap(cell: Cell, loss_fn: LossFn, *, n: int = 2, stateful: bool = False,
-         max_influence_bytes: int | None = 2 << 30) -> GradientEstimator:
+         max_influence_bytes: int | None = DEFAULT_MAX_INFLUENCE_BYTES) -> GradientEstimator:
     """SnAp-n with a masked dense influence ``[B, P, n]`` (see the module docstring).
 
+    Args:
+      n: the number of steps whose Jacobian sparsity the pattern keeps (``>= 1``).
+      stateful: see :func:`~jbptt.estimators.rtrl.rtrl`.
+      max_influence_bytes: the largest influence matrix (whole batch) ``init`` accepts; ``None`` for no limit.
+
     Returns:
-      A :class:`GradientEstimator` with :class:`jbptt.estimators.online.OnlineState`. Safe under ``jit``.
+      A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState`; ``update`` measures the
+      pattern on the segment's first input (with a key from the state) and is safe under ``jit``.
     """
     if n < 1:
         raise ValueError(f"snap: n must be >= 1, got {n}")
 
-    def check(params, B):
+    def init(params, carry, *, key=None, inputs=None):
+        B = batch_size(carry)
         check_influence_size(influence_bytes(cell, params, B), max_influence_bytes, f"SnAp-{n} masked dense, batch {B}")
-
-    def init(params, carry, key=None):
-        check(params, jax.tree_util.tree_leaves(carry)[0].shape[0])
         return init_state(cell, params, carry, dense_trace0, key)
 
     def update(params, state: OnlineState, batch):
-        check(params, jax.tree_util.tree_leaves(state.carry)[0].shape[0])
-
         fs = flat_step(cell, params)
         x0 = jax.tree.map(lambda a: a[0, 0], batch.inputs)
         mask = snap_pattern(fs, fs.theta, x0, n, jax.random.fold_in(state.key, 7))
@@ -101,16 +112,12 @@ def snap1(cell: Cell, loss_fn: LossFn, *, stateful: bool = False) -> GradientEst
     """SnAp-1 with the compressed influence ``[B, R, n]`` (memory O(P) per example, independent of ``T``).
 
     Returns:
-      A :class:`GradientEstimator` with :class:`jbptt.estimators.online.OnlineState`. Safe under ``jit``.
+      A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState`; ``init`` raises unless the
+      carry is ``C`` leaves of shape ``[N]``. ``update`` is safe under ``jit``.
     """
-    keep_blocks = lambda blocks, *_: blocks
 
-    def init(params, carry, key=None):
-        return init_state(cell, params, carry, compressed_trace0(unit_rows(cell, params)), key)
-
-    def update(params, state: OnlineState, batch):
+    def parts(params):
         rows = unit_rows(cell, params)
-        return online_segment(cell, loss_fn, params, state, batch, core=compressed_core(rows, keep_blocks),
-                              trace0=compressed_trace0(rows), stateful=stateful)
+        return compressed_core(rows, lambda blocks, *_: blocks), compressed_trace0(rows)
 
-    return GradientEstimator(init, update)
+    return online_estimator(cell, loss_fn, parts, stateful=stateful)

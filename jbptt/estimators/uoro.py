@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.estimators.online import FlatStep, OnlineState, init_state, online_segment
+from jbptt.estimators.online import FlatStep, online_estimator
 from jbptt.losses import LossFn
 
 __all__ = ["uoro"]
@@ -67,15 +67,7 @@ def uoro(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 1e
 
     Returns:
       A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState` (trace ``(s~ [B, n],
-      theta~ [B, P])``;
-      the key is split every update, so successive estimates are independent). ``init(params, carry, key=None)``.
+      theta~ [B, P])``). ``init(params, carry, *, key=None, inputs=None)``: ``key`` seeds the random signs; it is
+      split every update, so successive estimates are independent.
     """
-
-    def init(params, carry, key=None):
-        return init_state(cell, params, carry, uoro_trace0, key)
-
-    def update(params, state: OnlineState, batch):
-        return online_segment(cell, loss_fn, params, state, batch, core=uoro_core(eps), trace0=uoro_trace0,
-                              stateful=stateful)
-
-    return GradientEstimator(init, update)
+    return online_estimator(cell, loss_fn, lambda params: (uoro_core(eps), uoro_trace0), stateful=stateful)
