@@ -12,14 +12,14 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from jbptt.batch import Batch, batch_and_time, time_major
-from jbptt.cells import Cell
+from jbptt.cells import Cell, plain
 from jbptt.losses import LossFn, sequence_loss
 from jbptt.unroll import unroll
 
 
 def _with_state_input(cell: Cell, fn) -> Cell:
     """A cell whose step input is ``(x, aux)`` and whose step is ``fn(cell, params, carry, x, aux)``."""
-    return cell._replace(step=lambda p, c, inp: fn(cell, p, c, *inp))
+    return plain(cell)._replace(step=lambda p, c, inp: fn(cell, p, c, *inp))
 
 
 def state_gradients(cell: Cell, loss_fn: LossFn, params, batch: Batch, carry=None):
@@ -64,7 +64,7 @@ def carry_trajectory(cell: Cell, params, xs, carry=None):
         new, _ = cell.step(p, c, x)
         return new, c
 
-    _, carries = unroll(cell._replace(step=step), params, xs, carry)
+    _, carries = unroll(plain(cell)._replace(step=step), params, xs, carry)
     return carries
 
 

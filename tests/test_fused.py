@@ -1,4 +1,4 @@
-"""The fused LSTM / GRU layers (jbptt.fused) against the plain per-step autodiff cells, on random inputs."""
+"""The fused Elman / LSTM / GRU layers (jbptt.fused) against the plain per-step autodiff cells, on random inputs."""
 
 import jax
 import jax.extend
@@ -9,18 +9,17 @@ import pytest
 from jax import lax
 
 import jbptt
-from jbptt import cells, losses
-from jbptt import fused as fast
-from jbptt.cells import layer_of
+from jbptt import cells, fused, losses
 from jbptt.unroll import unroll
 
 B, T, I, H = 3, 9, 4, 5
 TOL = {jnp.float32: 1e-5, jnp.float64: 1e-10}
-KINDS = {"lstm": cells.lstm, "gru": cells.gru}
+KINDS = {"lstm": fused.lstm, "gru": fused.gru}
+METHODS = ("hoist", "jvp", "vjp")
 
 
 def _random_problem(kind, dtype, key, masks: bool):
-    plain = KINDS[kind](H, fused=None, dtype=dtype)
+    plain = cells.CELLS[kind](H, dtype=dtype)
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
     params = plain.init(k1, I)
     # Perturb every parameter (biases start at constants) so that every gradient entry is exercised.
@@ -35,8 +34,8 @@ def _random_problem(kind, dtype, key, masks: bool):
     return plain, params, xs, carry, extra
 
 
-def _loss(cell, params, xs, carry, reverse, extra):
-    final, ys = unroll(cell, params, xs, carry, reverse=reverse, **extra)
+def _loss(cell, params, xs, carry, reverse, extra, reverse_mode_only=False):
+    final, ys = unroll(cell, params, xs, carry, reverse=reverse, reverse_mode_only=reverse_mode_only, **extra)
     w = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)  # fixed random-looking weights
     return jnp.sum(w * jnp.tanh(ys)) + sum(jnp.sum(jnp.sin(c)) for c in jax.tree.leaves(final))
 
@@ -46,75 +45,79 @@ def _assert_close(a, b, tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
-def _grads(cell, params, xs, carry, reverse, extra):
-    return jax.value_and_grad(_loss, argnums=(1, 2, 3))(cell, params, xs, carry, reverse, extra)
+def _grads(cell, params, xs, carry, reverse, extra, reverse_mode_only=False):
+    f = lambda p, x, c, e: jax.value_and_grad(_loss, argnums=(1, 2, 3))(cell, p, x, c, reverse, e, reverse_mode_only)
+    return jax.jit(f)(params, xs, carry, extra)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("method", fast.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype,masks,reverse", [(jnp.float64, False, False), (jnp.float64, True, True),
                                                  (jnp.float32, True, False)])
 def test_fused_gradient_matches_plain_cell(kind, method, dtype, masks, reverse, key):
     """Loss and gradients w.r.t. params, inputs and initial carry equal the per-step cell's (float32 1e-5,
     float64 1e-10), with sequence lengths, resets and reverse."""
     plain, params, xs, carry, extra = _random_problem(kind, dtype, key, masks)
-    fused = KINDS[kind](H, fused=method, dtype=dtype)
-    assert layer_of(fused) is not None and layer_of(plain) is None
+    fast = KINDS[kind](H, method=method, dtype=dtype)
+    assert fast.fused is not None and plain.fused is None
     ref = _grads(plain, params, xs, carry, reverse, extra)
-    got = _grads(fused, params, xs, carry, reverse, extra)
+    got = _grads(fast, params, xs, carry, reverse, extra)
     _assert_close(got, ref, TOL[dtype])
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_forward_mode_through_default_fused_layer(kind, key):
-    """The default method ("jvp") keeps jax.jvp working: tangents equal the plain cell's."""
+    """The default method ("auto": the custom-JVP layer outside reverse-mode-only unrolls) keeps jax.jvp working:
+    tangents equal the plain cell's."""
     plain, params, xs, carry, extra = _random_problem(kind, jnp.float64, key, masks=True)
-    fused = KINDS[kind](H, dtype=jnp.float64)
+    fast = KINDS[kind](H, dtype=jnp.float64)
     tangent = jax.tree.map(lambda a: jnp.cos(a), params)
 
     def f(cell):
         return jax.jvp(lambda p: unroll(cell, p, xs, carry, **extra), (params,), (tangent,))
 
-    _assert_close(f(fused), f(plain), 1e-10)
+    _assert_close(f(fast), f(plain), 1e-10)
 
 
 def test_second_derivative_through_jvp_layer(key):
     """Hessian-vector products (forward over reverse) work through the custom-JVP layer."""
     plain, params, xs, carry, extra = _random_problem("lstm", jnp.float64, key, masks=False)
-    fused = cells.lstm(H, dtype=jnp.float64)
+    fast = fused.lstm(H, dtype=jnp.float64)
 
     def hvp(cell):
         g = lambda p: jax.grad(_loss, argnums=1)(cell, p, xs, carry, False, extra)
         return jax.jvp(g, (params,), (jax.tree.map(jnp.sin, params),))[1]
 
-    _assert_close(hvp(fused), hvp(plain), 1e-9)
+    _assert_close(hvp(fast), hvp(plain), 1e-9)
 
 
 def test_stack_and_readout_use_the_fused_layers(key):
     """stack / with_readout of fused cells run layer by layer and match the per-step composition."""
 
-    def build(fused):
-        layers = [cells.lstm(H, fused=fused, dtype=jnp.float64), cells.gru(H, fused=fused, dtype=jnp.float64)]
+    def build(lib):
+        layers = [lib.lstm(H, dtype=jnp.float64), lib.gru(H, dtype=jnp.float64), lib.elman(H, dtype=jnp.float64)]
         core = cells.stack(layers, residual=True)
         return cells.with_readout(core, 2)
 
-    fused_cell, plain_cell = build("jvp"), build(None)
-    assert layer_of(fused_cell) is not None and layer_of(plain_cell) is None
+    fused_cell, plain_cell = build(fused), build(cells)
+    assert fused_cell.fused is not None and plain_cell.fused is None
     params = jax.tree.map(lambda a: a + 0.1, plain_cell.init(key, I))
     _, _, xs, _, extra = _random_problem("lstm", jnp.float64, key, masks=True)
     carry = plain_cell.initial_carry(params, (B,))
-    _assert_close(_grads(fused_cell, params, xs, carry, True, extra),
-                  _grads(plain_cell, params, xs, carry, True, extra), 1e-10)
+    for rmo in (False, True):  # reverse-mode-only: the LSTM's hand-written VJP and the carry-only Elman layer
+        _assert_close(_grads(fused_cell, params, xs, carry, True, extra, rmo),
+                      _grads(plain_cell, params, xs, carry, True, extra), 1e-10)
 
 
 def test_fallbacks_scan_the_step(key):
-    """A replaced step, per-step keys (dropout), a custom scan and mixed dtypes all fall back to cell.step."""
-    cell = cells.lstm(H, dtype=jnp.float64)
+    """A replaced step (through cells.plain), per-step keys (dropout), a plain custom scan and mixed dtypes all
+    scan cell.step."""
+    cell = fused.lstm(H, dtype=jnp.float64)
     params = cell.init(key, I)
     xs = jax.random.normal(key, (B, T, I))
     # A replaced step is used, not the stale fused layer.
-    doubled = cell._replace(step=lambda p, c, x: cell.step(p, c, 2.0 * x))
-    assert layer_of(doubled) is None
+    doubled = cells.plain(cell)._replace(step=lambda p, c, x: cell.step(p, c, 2.0 * x))
+    assert doubled.fused is None
     np.testing.assert_allclose(unroll(doubled, params, xs)[1], unroll(cell, params, 2.0 * xs)[1], atol=1e-12)
     # A custom scan is called (remat schedules plug in here).
     calls = []
@@ -126,16 +129,16 @@ def test_fallbacks_scan_the_step(key):
     np.testing.assert_allclose(unroll(cell, params, xs, scan=my_scan)[1], unroll(cell, params, xs)[1], atol=1e-12)
     assert calls
     # Dropout keys in a stack: the per-step path with its dropout.
-    stacked = cells.stack([cells.lstm(H, dtype=jnp.float64), cells.lstm(H, dtype=jnp.float64)], dropout_rate=0.5)
+    stacked = cells.stack([fused.lstm(H, dtype=jnp.float64), fused.lstm(H, dtype=jnp.float64)], dropout_rate=0.5)
     sp = stacked.init(key, I)
     with_keys = jbptt.with_step_keys(xs, jax.random.key(3))
     _, ys_drop = unroll(stacked, sp, with_keys)
     _, ys_plain = unroll(stacked, sp, xs)
     assert not np.allclose(ys_drop, ys_plain)
     # Mixed dtypes (float32 params, float64 inputs): same result as the per-step path.
-    cell32 = cells.lstm(H)
+    cell32 = fused.lstm(H)
     p32 = cell32.init(key, I)
-    np.testing.assert_allclose(unroll(cell32, p32, xs)[1], unroll(cell32._replace(layer=None), p32, xs)[1],
+    np.testing.assert_allclose(unroll(cell32, p32, xs)[1], unroll(cells.plain(cell32), p32, xs)[1],
                                atol=1e-6)
 
 
@@ -161,12 +164,12 @@ def test_fused_backward_has_one_product_per_step(method, key):
     """The structure the speed comes from: each loop of the gradient does exactly one matrix product per step
     (the weight gradients are taken outside the loop), where plain autodiff does more."""
     plain, params, xs, carry, _ = _random_problem("lstm", jnp.float32, key, masks=False)
-    fused = cells.lstm(H, fused=method)
+    fast = fused.lstm(H, method=method)
 
     def grad_jaxpr(cell):
         return jax.make_jaxpr(jax.grad(lambda p: _loss(cell, p, xs, carry, False, {})))(params).jaxpr
 
-    assert _dots_per_scan(grad_jaxpr(fused)) == [1, 1]
+    assert _dots_per_scan(grad_jaxpr(fast)) == [1, 1]
     assert max(_dots_per_scan(grad_jaxpr(plain))) > 1
 
 
@@ -174,8 +177,8 @@ def test_bptt_training_step_matches_plain(key):
     """The estimator + optimizer path (what bench_throughput.py times) gives the same update with and without
     the fused layer, stateful across two segments."""
     results = []
-    for fused in ("jvp", None):
-        cell = cells.with_readout(cells.gru(H, fused=fused, dtype=jnp.float64), 2)
+    for lib in (fused, cells):
+        cell = cells.with_readout(lib.gru(H, dtype=jnp.float64), 2)
         params = cell.init(key, I)
         est = jbptt.make_estimator("bptt", cell, losses.mse, stateful=True)
         opt = optax.adam(1e-2)
@@ -191,18 +194,18 @@ def test_bptt_training_step_matches_plain(key):
 
 def test_vmap_over_parameter_sets(key):
     """vmap over a leading axis of parameter sets equals looping (the fused layer is batch-polymorphic)."""
-    cell = cells.lstm(H, dtype=jnp.float64)
+    cell = fused.lstm(H, dtype=jnp.float64)
     ps = jax.vmap(lambda k: cell.init(k, I))(jax.random.split(key, 2))
     xs = jax.random.normal(key, (B, T, I))
     got = jax.vmap(lambda p: unroll(cell, p, xs)[1])(ps)
-    plain = cell._replace(layer=None)
+    plain = cells.plain(cell)
     want = jnp.stack([unroll(plain, jax.tree.map(lambda a, i=i: a[i], ps), xs)[1] for i in range(2)])
     np.testing.assert_allclose(got, want, atol=1e-12)
 
 
 def test_unknown_method_is_one_clear_error():
     with pytest.raises(ValueError, match="unknown fused method"):
-        cells.lstm(4, fused="cudnn")
+        fused.lstm(4, method="cudnn")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,7 +213,7 @@ def test_unknown_method_is_one_clear_error():
 
 
 def _elman_problem(activation, dtype, key, masks):
-    plain = cells.elman(H, activation=activation, fused=None, dtype=dtype)
+    plain = cells.elman(H, activation=activation, dtype=dtype)
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
     params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(k2, a.shape, dtype), plain.init(k1, I))
     xs = jax.random.normal(k3, (B, T, I), dtype)
@@ -219,18 +222,21 @@ def _elman_problem(activation, dtype, key, masks):
     return plain, params, xs, carry, extra
 
 
-@pytest.mark.parametrize("activation", fast.ELMAN_ACTIVATIONS)
+@pytest.mark.parametrize("activation", fused.ELMAN_ACTIVATIONS)
 @pytest.mark.parametrize("dtype,masks,reverse", [(jnp.float64, False, False), (jnp.float64, True, True),
                                                  (jnp.float32, True, False)])
 def test_elman_layer_gradient_matches_plain_cell(activation, dtype, masks, reverse, key):
-    """fused="vjp" (the carry-only custom VJP) gives the per-step cell's loss and gradients w.r.t. params, inputs
-    and initial carry (float32 1e-5, float64 1e-10), with sequence lengths, resets and reverse."""
+    """Under a reverse-mode-only unroll the fused Elman cell runs the carry-only custom VJP and gives the per-step
+    cell's loss and gradients w.r.t. params, inputs and initial carry (float32 1e-5, float64 1e-10), with sequence
+    lengths, resets and reverse; a plain unroll of it runs JAX's own autodiff of the same loop."""
     plain, params, xs, carry, extra = _elman_problem(activation, dtype, key, masks)
-    fused = cells.elman(H, activation=activation, fused="vjp", dtype=dtype)
-    default = cells.elman(H, activation=activation, dtype=dtype)
-    assert layer_of(fused).apply is not None and layer_of(default).apply is None and layer_of(plain) is None
-    _assert_close(_grads(fused, params, xs, carry, reverse, extra), _grads(plain, params, xs, carry, reverse, extra),
-                  TOL[dtype])
+    fast = fused.elman(H, activation=activation, dtype=dtype)
+    loss = lambda flag: lambda p: _loss(fast, p, xs, carry, reverse, extra, flag)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(loss(True))(params))
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(loss(False))(params))
+    ref = _grads(plain, params, xs, carry, reverse, extra)
+    for rmo in (True, False):
+        _assert_close(_grads(fast, params, xs, carry, reverse, extra, rmo), ref, TOL[dtype])
 
 
 @pytest.mark.parametrize("masks", [False, True])
@@ -243,7 +249,7 @@ def test_elman_layer_with_readout_inside_the_loop(masks, key):
     reset = None if not masks else extra["resets"].T
 
     def layer_loss(p, xs, carry):
-        final, ys = fast.elman_layer(p["core"], jnp.swapaxes(xs, 0, 1), carry, valid, reset, readout=p["readout"])
+        final, ys = fused.elman_layer(p["core"], jnp.swapaxes(xs, 0, 1), carry, valid, reset, readout=p["readout"])
         ys = jnp.swapaxes(ys, 0, 1)
         w = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)  # as in _loss
         return jnp.sum(w * jnp.tanh(ys)) + jnp.sum(jnp.sin(final))
@@ -264,32 +270,35 @@ def test_elman_layer_stores_one_carry_per_step(key):
     def temp(core):
         cell = cells.with_readout(core, 1)
         params = cell.init(key, 2)
-        f = jax.jit(jax.grad(lambda p: jnp.sum(unroll(cell, p, xs)[1] ** 2)))
+        f = jax.jit(jax.grad(lambda p: jnp.sum(unroll(cell, p, xs, reverse_mode_only=True)[1] ** 2)))
         return f.lower(params).compile().memory_analysis().temp_size_in_bytes
 
     carries = Tm * Bm * Hm * 4
-    fused, plain = temp(cells.elman(Hm, fused="vjp")), temp(cells.elman(Hm, fused=None))
+    fast, plain = temp(fused.elman(Hm)), temp(cells.elman(Hm))
     assert plain > 2.9 * carries
-    assert fused < 2.2 * carries
+    assert fast < 2.2 * carries
 
 
 def test_bptt_estimator_runs_the_reverse_mode_layer(key, monkeypatch):
-    """The BPTT estimator unrolls with reverse_mode_only=True: a default LSTM (and stacks / readouts of it) then
+    """The BPTT estimator unrolls with reverse_mode_only=True: a fused LSTM (and stacks / readouts of it) then
     runs the hand-written VJP layer, with the plain cell's gradient (float64, 1e-10, lengths and resets); a plain
     unroll keeps the custom-JVP layer, so jax.jvp through it still works."""
+    import sys
+
     from jbptt.batch import Batch
     from jbptt.estimators.bptt import bptt, loss_and_outputs, reference_gradient
 
-    methods, lstm_layer = [], fast.lstm_layer
+    lstm_module = sys.modules["jbptt.fused._lstm"]
+    methods, lstm_layer = [], lstm_module.lstm_layer
 
     def recording(*args, method, **kw):
         methods.append(method)
         return lstm_layer(*args, method=method, **kw)
 
-    monkeypatch.setattr(fast, "lstm_layer", recording)  # cells built below capture it
+    monkeypatch.setattr(lstm_module, "lstm_layer", recording)
 
     def check(cell, plain):
-        assert layer_of(cell).apply_reverse is not None and layer_of(plain) is None
+        assert cell.fused is not None and plain.fused is None
         params = jax.tree.map(lambda a: a + 0.1, plain.init(key, I))
         _, _, xs, _, extra = _random_problem("lstm", jnp.float64, key, masks=True)
         batch = Batch(xs, jnp.sin(jnp.arange(B * T * 2.0)).reshape(B, T, 2), seq_lengths=extra["seq_lengths"],
@@ -308,23 +317,24 @@ def test_bptt_estimator_runs_the_reverse_mode_layer(key, monkeypatch):
         jax.make_jaxpr(update)(params)
         assert methods == ["vjp"]  # the estimator's gradient runs the custom-VJP LSTM layer
         _assert_close(jax.jit(update)(params), reference_gradient(plain, losses.mse, params, batch), 1e-10)
+        _assert_close(reference_gradient(cell, losses.mse, params, batch),
+                      reference_gradient(plain, losses.mse, params, batch), 0.0)
 
-    single = lambda f: cells.with_readout(cells.lstm(H, fused=f, dtype=jnp.float64), 2)
-    stacked = lambda f: cells.with_readout(cells.stack([cells.gru(H, fused=f, dtype=jnp.float64),
-                                                        cells.lstm(H, fused=f, dtype=jnp.float64)]), 2)
+    single = lambda lib: cells.with_readout(lib.lstm(H, dtype=jnp.float64), 2)
+    stacked = lambda lib: cells.with_readout(cells.stack([lib.gru(H, dtype=jnp.float64),
+                                                          lib.lstm(H, dtype=jnp.float64)]), 2)
     for build in (single, stacked):
-        check(build("jvp"), build(None))
+        check(build(fused), build(cells))
 
 
 def test_bptt_estimator_runs_the_elman_layer_with_the_readout_in_its_loop(key):
-    """A default Elman cell under the BPTT estimator runs the carry-only layer with with_readout's readout inside
+    """A fused Elman cell under the BPTT estimator runs the carry-only layer with with_readout's readout inside
     its loops: the plain cell's gradient (float64, 1e-10; lengths, resets, a stateful carry) at about one stored
     carry per step (JAX's rule on the per-step cell keeps three)."""
     from jbptt.batch import Batch
     from jbptt.estimators.bptt import bptt, reference_gradient
 
-    cell, plain = (cells.with_readout(cells.elman(H, dtype=jnp.float64, fused=f), 2) for f in ("reverse", None))
-    assert layer_of(cell).apply is None and layer_of(cell).apply_reverse is not None
+    cell, plain = (cells.with_readout(lib.elman(H, dtype=jnp.float64), 2) for lib in (fused, cells))
     params = jax.tree.map(lambda a: a + 0.1, plain.init(key, I))
     _, _, xs, carry, extra = _elman_problem("tanh", jnp.float64, key, masks=True)
     batch = Batch(xs, jnp.sin(jnp.arange(B * T * 2.0)).reshape(B, T, 2), seq_lengths=extra["seq_lengths"],
@@ -336,12 +346,27 @@ def test_bptt_estimator_runs_the_elman_layer_with_the_readout_in_its_loop(key):
     Bm, Tm, Hm = 32, 256, 64
     big = Batch(jax.random.normal(key, (Bm, Tm, 2), jnp.float32), jnp.zeros((Bm, Tm, 1), jnp.float32))
 
-    def temp(fused):
-        c = cells.with_readout(cells.elman(Hm, fused=fused), 1)
+    def temp(lib):
+        c = cells.with_readout(lib.elman(Hm), 1)
         e, p = bptt(c, losses.mse), c.init(key, 2)
         f = jax.jit(lambda p: e.update(p, e.init(p, None), big)[:2])
         return f.lower(p).compile().memory_analysis().temp_size_in_bytes
 
     carries = Tm * Bm * Hm * 4
-    assert temp(None) > 2.9 * carries
-    assert temp("reverse") < 1.3 * carries
+    assert temp(cells) > 2.9 * carries
+    assert temp(fused) < 1.3 * carries
+
+
+def test_reference_gradient_runs_the_plain_step(key):
+    """reference_gradient of a fused cell traces exactly the program of a hand-built cell holding only init,
+    initial_carry and step: the reference never rests on jbptt.fused."""
+    from jbptt.batch import Batch
+    from jbptt.estimators.bptt import reference_gradient
+
+    fast = cells.with_readout(cells.stack([fused.lstm(H, dtype=jnp.float64), fused.elman(H, dtype=jnp.float64)]), 2)
+    bare = cells.Cell(fast.init, fast.initial_carry, fast.step, fast.hidden_size, fast.output_size)
+    params = fast.init(key, I)
+    batch = Batch(jax.random.normal(key, (B, T, I)), jnp.ones((B, T, 2)), seq_lengths=jnp.array([T, 4, 7]))
+    jaxpr = lambda c: str(jax.make_jaxpr(lambda p: reference_gradient(c, losses.mse, p, batch))(params))
+    assert jaxpr(fast) == jaxpr(bare)
+    assert "custom" not in jaxpr(fast)

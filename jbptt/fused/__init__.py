@@ -39,10 +39,10 @@ from __future__ import annotations
 
 from jbptt import cells as _cells
 from jbptt.cells import Cell, plain
-from jbptt.fused.common import METHODS, check_method, dense
-from jbptt.fused.elman import ELMAN_ACTIVATIONS, elman, elman_layer
-from jbptt.fused.gru import gru, gru_layer
-from jbptt.fused.lstm import lstm, lstm_layer
+from jbptt.fused._common import METHODS, check_method, dense
+from jbptt.fused._elman import ELMAN_ACTIVATIONS, elman, elman_layer
+from jbptt.fused._gru import gru, gru_layer
+from jbptt.fused._lstm import lstm, lstm_layer
 
 CELLS = {"elman": elman, "lstm": lstm, "gru": gru}
 """The cells that have a fused fast path, by :data:`jbptt.cells.CELLS` name."""

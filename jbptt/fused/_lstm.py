@@ -18,7 +18,7 @@ from jax import lax
 
 from jbptt import cells
 from jbptt.cells import Cell
-from jbptt.fused.common import (
+from jbptt.fused._common import (
     check_method,
     col,
     dense_masked,

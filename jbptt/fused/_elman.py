@@ -16,7 +16,7 @@ from jax import lax
 
 from jbptt import cells
 from jbptt.cells import Cell, get_activation
-from jbptt.fused.common import col, float0_like, mask_ys, zero_where
+from jbptt.fused._common import col, float0_like, mask_ys, zero_where
 
 ELMAN_ACTIVATIONS = ("tanh", "relu", "identity")
 
