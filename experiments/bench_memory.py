@@ -2,9 +2,11 @@
 
 For an Elman tanh cell and an LSTM (B=64, H=256, input size 2, one linear output: the shapes of the adding
 problem) and T in {256, 1024, 4096, 16384}, each policy of :mod:`jbptt.remat` is compiled as one jitted
-``value_and_grad`` of the BPTT loss and measured for the following (cells ``tanh`` / ``lstm`` run their fused
-layer on the segments of ``sqrt`` / ``every_k`` / ``nested``; ``tanh_scan`` / ``lstm_scan`` scan the step
-everywhere, for comparison)
+``value_and_grad`` of the BPTT loss, unrolled reverse-mode-only as the BPTT estimator does, and measured for the
+following. Cells ``tanh`` / ``lstm`` are the fused cells of :mod:`jbptt.fused`: they run their reverse-mode-only
+fused layer on the segments of ``sqrt`` / ``every_k`` / ``nested`` (the Elman layer stores one carry per step) and,
+as policy ``fused``, over the whole sequence without remat; ``tanh_scan`` / ``lstm_scan`` are the plain cells,
+whose step is scanned everywhere. The baseline ``none`` is the plain scan of the plain cell (JAX's own residuals)
 
 * XLA temp memory, ``compiled.memory_analysis().temp_size_in_bytes`` (deterministic), vs the plain scan's;
 * cell evaluations per gradient, counted at run time by a ``jax.debug.callback`` in the step (its argument
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jbptt import cells, losses, remat
+from jbptt import cells, fused, losses, remat
 from jbptt.batch import Batch
 from jbptt.checkpoint import atomic_write
 from jbptt.estimators.bptt import loss_and_outputs
@@ -48,24 +50,28 @@ _SCANS: dict = {}  # (cell, T, policy) -> scan, for the training run
 
 CELLS = {
     # Elman tanh; the segmented schedules (every_k / sqrt / nested) run its carry-only layer on their segments.
-    "tanh": lambda hidden: cells.elman(hidden),
+    "tanh": lambda hidden: fused.elman(hidden),
     # the same cell scanned step by step everywhere (the schedules' generic path)
-    "tanh_scan": lambda hidden: cells.elman(hidden, fused=None),
-    # LSTM; the plain scan and the segments run the fused layer (jbptt.fused, method "jvp")
-    "lstm": lambda hidden: cells.lstm(hidden),
-    "lstm_scan": lambda hidden: cells.lstm(hidden, fused=None),
+    "tanh_scan": lambda hidden: cells.elman(hidden),
+    # LSTM; the segments run its reverse-mode-only fused layer (hand-written VJP)
+    "lstm": lambda hidden: fused.lstm(hidden),
+    "lstm_scan": lambda hidden: cells.lstm(hidden),
 }
+PLAIN = "none"  # the baseline policy: the plain cell's plain scan
 
 
-def make_cell(name: str, hidden: int):
-    return cells.with_readout(CELLS[name](hidden), O)
+def make_cell(name: str, hidden: int, policy: str | None = None):
+    """The cell ``name`` with its readout; for the baseline policy :data:`PLAIN` without its fused path."""
+    cell = cells.with_readout(CELLS[name](hidden), O)
+    return cells.plain(cell) if policy == PLAIN else cell
 
 
 def policies(T: int, alpha: float, plan_max_T: int, plan_units, only=None) -> dict:
     """name -> (scan, predicted evaluations); ``only``: names to keep (``none`` is always kept)."""
     nl = "nonlinearities"  # inner steps keep their carry + tanh/sigmoid outputs (remat.save_nonlinearity_outputs)
     makers = {
-        "none": lambda: (None, T),
+        PLAIN: lambda: (None, T),
+        "fused": lambda: (None, T),  # the fused path over the whole sequence (plain cells: the plain scan again)
         "per_step": lambda: (remat.per_step(), remat.evaluations("per_step", T)),
         "per_step_nl": lambda: (remat.per_step(nl), remat.evaluations("per_step", T)),
         "sqrt": lambda: (remat.sqrt(), remat.evaluations("sqrt", T)),
@@ -76,7 +82,7 @@ def policies(T: int, alpha: float, plan_max_T: int, plan_units, only=None) -> di
         "binomial10": lambda: (remat.binomial(10), remat.evaluations("binomial", T, slots=10)),
         "binomial32": lambda: (remat.binomial(32), remat.evaluations("binomial", T, slots=32)),
     }
-    out = {n: f() for n, f in makers.items() if only is None or n == "none" or n in only}
+    out = {n: f() for n, f in makers.items() if only is None or n == PLAIN or n in only}
     if T <= plan_max_T:
         for u in plan_units:
             if only is None or f"plan{u}" in only:
@@ -91,16 +97,18 @@ def batch_for(T: int, b: int, key) -> Batch:
 
 
 def grad_fn(cell, batch, scan):
-    return jax.jit(jax.value_and_grad(lambda p: loss_and_outputs(cell, losses.mse, p, batch, scan=scan)[0]))
+    """The jitted BPTT ``value_and_grad``, unrolled reverse-mode-only as :func:`jbptt.estimators.bptt.bptt` does."""
+    return jax.jit(jax.value_and_grad(
+        lambda p: loss_and_outputs(cell, losses.mse, p, batch, scan=scan, reverse_mode_only=True)[0]))
 
 
-def count_evaluations(cell_name: str, T: int, scan) -> int:
+def count_evaluations(cell_name: str, T: int, policy: str, scan) -> int:
     """Runs one gradient of a proxy cell on the CPU backend and counts its evaluations by callback
     (:func:`jbptt.remat.counting_cell`: per step when scanned, per segment length when its fused layer runs)."""
     counter = [0]
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
-        counting = remat.counting_cell(make_cell(cell_name, 4), counter)
+        counting = remat.counting_cell(make_cell(cell_name, 4, policy), counter)
         params = counting.init(jax.random.key(0), I)
         batch = batch_for(T, 1, jax.random.key(1))
         jax.block_until_ready(grad_fn(counting, batch, scan)(params))
@@ -116,16 +124,17 @@ def bench_one(cell_name: str, T: int, args) -> list[dict]:
     carry_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(carry))
     alpha = remat.residual_bytes(cell.step, params, carry, jnp.ones((B, I))) / carry_bytes
     t0 = time.perf_counter()
-    pols = policies(T, alpha, args.plan_max_T, args.plan_units, args.policies)
+    pols = {n: v for n, v in policies(T, alpha, args.plan_max_T, args.plan_units, args.policies).items()
+            if n != "fused" or cell.fused is not None}  # a plain cell's "fused" run is its plain scan again
     plan_s = time.perf_counter() - t0
     compiled, rows = {}, []
     for name, (scan, predicted) in pols.items():
         _SCANS[(cell_name, T, name)] = scan
-        f = grad_fn(cell, batch, scan)
+        f = grad_fn(make_cell(cell_name, H, name), batch, scan)
         c = f.lower(params).compile()
         temp = c.memory_analysis().temp_size_in_bytes
         compiled[name] = c
-        counted = count_evaluations(cell_name, T, scan) if args.count else None
+        counted = count_evaluations(cell_name, T, name, scan) if args.count else None
         rows.append({"cell": cell_name, "T": T, "policy": name, "temp_bytes": int(temp),
                      "predicted_evals": int(predicted), "counted_evals": counted, "alpha": alpha,
                      "carry_bytes": carry_bytes})
@@ -138,7 +147,7 @@ def bench_one(cell_name: str, T: int, args) -> list[dict]:
             jax.block_until_ready(c(params))
             times[name].append(time.perf_counter() - t)
     base_mem = rows[0]["temp_bytes"]
-    base_t = statistics.median(times["none"])
+    base_t = statistics.median(times[PLAIN])
     for r in rows:
         med = statistics.median(times[r["policy"]])
         r.update(median_s=med, time_ratio=med / base_t, mem_fraction=r["temp_bytes"] / base_mem,
@@ -155,11 +164,11 @@ def bench_one(cell_name: str, T: int, args) -> list[dict]:
 def train_under_budget(cell_name: str, T: int, rows: list[dict], budget: int, steps: int) -> dict:
     """A few Adam steps at ``T`` with the fastest policy whose temp memory fits ``budget`` bytes."""
     fitting = [r for r in rows if r["cell"] == cell_name and r["T"] == T and r["temp_bytes"] <= budget]
-    plain = next(r for r in rows if r["cell"] == cell_name and r["T"] == T and r["policy"] == "none")
+    plain = next(r for r in rows if r["cell"] == cell_name and r["T"] == T and r["policy"] == PLAIN)
     if not fitting:
         return {"cell": cell_name, "T": T, "policy": None, "note": "no policy fits the budget"}
     best = min(fitting, key=lambda r: r["median_s"])
-    cell = make_cell(cell_name, H)
+    cell = make_cell(cell_name, H, best["policy"])
     params = cell.init(jax.random.key(0), I)
     batch = batch_for(T, B, jax.random.key(1))
     scan = _SCANS[(cell_name, T, best["policy"])]
@@ -167,7 +176,7 @@ def train_under_budget(cell_name: str, T: int, rows: list[dict], budget: int, st
 
     @jax.jit
     def train_step(params, state):
-        loss_fn = lambda p: loss_and_outputs(cell, losses.mse, p, batch, scan=scan)[0]
+        loss_fn = lambda p: loss_and_outputs(cell, losses.mse, p, batch, scan=scan, reverse_mode_only=True)[0]
         loss, g = jax.value_and_grad(loss_fn)(params)
         updates, state = opt.update(g, state, params)
         return optax.apply_updates(params, updates), state, loss
@@ -244,7 +253,7 @@ def main(argv=None):
     ap.add_argument("--budget-mib", type=float, default=512.0, help="memory budget of the large-T training")
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--policies", nargs="+", default=None,
-                    help="only these policies (e.g. sqrt nested3 plan64); default: all; none is always run")
+                    help="only these policies (e.g. sqrt fused nested3 plan64); default: all; none is always run")
     ap.add_argument("--no-count", dest="count", action="store_false")
     ap.add_argument("--out", default="experiments/results")
     args = ap.parse_args(argv)
