@@ -28,7 +28,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.bench_throughput import step_flops, write_json  # noqa: E402
-from jbptt import cells, losses, unroll  # noqa: E402
+from jbptt import cells, fused, losses, unroll  # noqa: E402
 
 IMPLS = ("cudnn", "fast", "vjp", "plain", "flax")
 
@@ -88,9 +88,9 @@ def make_runs(T, B, I, H, impls):
         w = cudnn_weights(T, B, I, H)
         step = adam_step(lambda p, x, y: jnp.mean(losses.mse(cudnn_forward(p, x, I, H), y)), opt)
         runs["cudnn"] = (step, [w, opt.init(w)])
-    for impl, fused in (("fast", "jvp"), ("vjp", "vjp"), ("plain", None)):
+    for impl, method in (("fast", "jvp"), ("vjp", "vjp"), ("plain", None)):
         if impl in impls:
-            cell = cells.lstm(H, fused=fused)
+            cell = cells.lstm(H) if method is None else fused.lstm(H, method=method)
             p = cell.init(jax.random.key(0), I)
             step = adam_step(lambda p, x, y, cell=cell: jnp.mean(losses.mse(unroll.unroll(cell, p, x)[1], y)), opt)
             runs[impl] = (step, [p, opt.init(p)])

@@ -7,15 +7,15 @@ steps. Also reported: the matrix-product FLOPs of the step (forward + backward =
 achieved GFLOP/s next to the rate XLA reaches on one large matrix product on this machine.
 
 Implementations (``--impls``):
-  fast    jbptt, the default cell through the BPTT estimator (fused whole-sequence layer: ``jbptt.fused`` method
-          "jvp", whose reverse-mode variant "vjp" the estimator runs for the LSTM)
-  vjp     jbptt with the hand-written custom-VJP layer (``fused="vjp"``)
-  hoist   jbptt with only the input projection hoisted (``fused="hoist"``)
-  plain   jbptt scanning the per-step cell (``fused=None``)
+  fast    jbptt's fused cell (``jbptt.fused.lstm`` / ``gru``, method "auto") through the BPTT estimator: the
+          estimator's reverse-mode-only unroll runs the hand-written VJP layer for the LSTM, the custom-JVP layer
+          for the GRU
+  vjp     jbptt with the hand-written custom-VJP layer (``method="vjp"``)
+  hoist   jbptt with only the input projection hoisted (``method="hoist"``)
+  plain   jbptt scanning the plain per-step cell (``jbptt.cells.lstm`` / ``gru``)
   flax    ``flax.linen.RNN`` with ``nn.LSTMCell`` / ``nn.GRUCell``
   torch   ``torch.nn.LSTM`` / ``torch.nn.GRU`` (skipped when torch is not importable)
-A jbptt implementation may carry a scan unroll factor, e.g. ``fast:4`` (``fast`` alone lets the fused layer pick
-its tuned factor, ``plain`` alone unrolls 1).
+The ``plain`` implementation may carry a scan unroll factor, e.g. ``plain:4`` (default 1).
 
 Examples::
 
@@ -42,10 +42,10 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jbptt  # noqa: E402
-from jbptt import cells, losses  # noqa: E402
+from jbptt import cells, fused, losses  # noqa: E402
 from jbptt.checkpoint import atomic_write  # noqa: E402
 
-FUSED = {"fast": "jvp", "vjp": "vjp", "hoist": "hoist", "plain": None}
+FUSED = {"fast": "auto", "vjp": "vjp", "hoist": "hoist", "plain": None}
 ALL_IMPLS = ("fast", "vjp", "hoist", "plain", "flax", "torch")
 
 
@@ -77,7 +77,7 @@ def data(T: int, B: int, I: int, H: int):
 def make_jbptt(kind: str, impl: str, T: int, B: int, I: int, H: int):
     """A ``run()`` that performs one jbptt training step (bptt estimator + make_train_step + Adam)."""
     name, _, unroll = impl.partition(":")
-    cell = getattr(cells, kind)(H, fused=FUSED[name])
+    cell = getattr(cells, kind)(H) if FUSED[name] is None else getattr(fused, kind)(H, method=FUSED[name])
     params = cell.init(jax.random.key(0), I)
     est = jbptt.make_estimator("bptt", cell, losses.mse, unroll_steps=int(unroll or 1))
     opt = optax.adam(1e-3)
