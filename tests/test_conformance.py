@@ -107,7 +107,7 @@ CORE = ("elman_tanh", "indrnn", "fused_stack_learned_carry")
 # Also called without jit (as chex's ``without_jit`` variant does) on the BPTT family, where the learned-carry bug
 # lived, on a learned-carry cell.
 NOJIT = ("bptt", "tbptt")
-NOJIT_CELL = "learned_carry_gru"
+NOJIT_CELL = "fused_stack_learned_carry"
 
 
 def params_list():
