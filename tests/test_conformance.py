@@ -95,9 +95,9 @@ KNOWN_GAPS = {
 }
 # Library gaps where jbptt does not refuse an undefined combination (``init`` runs, so ``pytest.raises`` fails).
 NOT_REFUSED = {
-    ("rtrl_diagonal", "elman_irnn"): "jbptt.estimators.rtrl.check_unit_structure probes the carry Jacobian at one "
-                                     "random point, where a ReLU cell's units can all be inactive, so the coupling "
-                                     "between units goes unseen",
+    ("rtrl_diagonal", "elman_irnn"): ("jbptt.estimators.compressed.check_unit_structure probes the carry Jacobian "
+                                      "at one random point, where a ReLU cell's units can all be inactive, so the "
+                                      "coupling between units goes unseen"),
 }
 
 
