@@ -25,7 +25,8 @@ def batch_and_time(xs) -> tuple[int, int]:
 
 def sequence_mask(seq_lengths, T: int):
     """``[B, T]`` booleans, True at the valid steps ``t < seq_lengths[b]`` of right-padded sequences."""
-    return jnp.arange(T)[None, :] < jnp.asarray(seq_lengths)[:, None]
+    lengths = jnp.asarray(seq_lengths)
+    return jnp.arange(T, dtype=lengths.dtype)[None, :] < lengths[:, None]
 
 
 def batch_where(mask, on_true, on_false):
@@ -147,9 +148,12 @@ def split_chunks(batch: Batch, k1: int) -> Batch:
     mask = jnp.ones((B, T)) if batch.mask is None else jnp.broadcast_to(jnp.asarray(batch.mask), (B, T))
     resets = jnp.zeros((B, T), bool) if batch.resets is None else jnp.asarray(batch.resets, bool)
 
-    def cut(a):
-        a = pad_time(a, n * k1)
-        return jnp.moveaxis(jnp.reshape(a, (a.shape[0], n, k1) + a.shape[2:]), 1, 0)
+    def cut(tree):
+        def leaf(a):
+            a = pad_time(a, n * k1)
+            return jnp.moveaxis(jnp.reshape(a, (a.shape[0], n, k1) + a.shape[2:]), 1, 0)
+
+        return jax.tree.map(leaf, tree)
 
     lengths = jnp.sum(cut(valid), axis=-1).astype(jnp.int32)  # valid steps are a prefix of each row
     return Batch(cut(batch.inputs), cut(batch.targets), cut(mask), lengths, cut(resets))
