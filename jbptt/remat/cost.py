@@ -137,6 +137,10 @@ def counting_cell(cell: Cell, counter: list) -> Cell:
     calls whose argument depends on the carry, so XLA can neither hoist nor merge them; recomputations inside
     ``jax.checkpoint`` call back again. Read ``counter[0]`` after ``jax.effects_barrier()``.
 
+    Args:
+      cell: the cell to instrument (its fused path, if any, is instrumented too).
+      counter: a one-element list, incremented in place.
+
     Returns:
       A :class:`~jbptt.cells.Cell` computing exactly what ``cell`` computes.
     """
