@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from helpers import cell_zoo, finite_difference_grad, init_f64, to_f64
 from jax.flatten_util import ravel_pytree
 
 import jbptt
 from jbptt import cells, losses
+from jbptt.testing import cell_zoo, finite_difference_grad, init_f64, to_f64
 from jbptt.unroll import unroll, with_step_keys
 
 B, T, I = 2, 5, 3

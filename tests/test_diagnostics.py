@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import to_f64
 
 import jbptt
 from jbptt import cells, diagnostics, losses
+from jbptt.testing import to_f64
 
 T, H = 12, 5
 

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import init_f64
 
 import jbptt
 from jbptt import cells, losses
+from jbptt.testing import init_f64
 from jbptt.unroll import bidirectional, unroll
 
 I, O = 3, 2
