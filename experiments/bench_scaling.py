@@ -65,7 +65,7 @@ def main(argv=None):
     import optax
 
     import jbptt
-    from jbptt import cells, losses, parallel
+    from jbptt import cells, fused, losses, parallel
     from jbptt.checkpoint import atomic_write
 
     devices = jax.devices()
@@ -73,7 +73,7 @@ def main(argv=None):
     counts = [n for n in (int(c) for c in args.counts.split(",")) if n <= limit]
     modes = args.modes.split(",")
     scalings = args.scaling.split(",")
-    cell = cells.with_readout(getattr(cells, args.cell)(args.hidden), 1)
+    cell = cells.with_readout(fused.cell(args.cell, args.hidden), 1)  # with its fused path, as the runner builds it
     params = cell.init(jax.random.key(0), args.input_size)
     estimator = jbptt.make_estimator(args.estimator, cell, losses.mse)
     optimizer = optax.adam(1e-3)
@@ -84,10 +84,10 @@ def main(argv=None):
                            rng.normal(size=(B, args.T, 1)).astype(np.float32))
 
     def measure(mode, n, B):
-        carry = cell.initial_carry(params, (B,))
-        dp = parallel.data_parallel(estimator, optimizer, params, carry, mode=mode, devices=n, donate=True)
-        state = dp.init(params, carry)
-        batch = batch_of(B)
+        carry, batch = cell.initial_carry(params, (B,)), batch_of(B)
+        dp = parallel.data_parallel(estimator, optimizer, params, carry, mode=mode, devices=n, inputs=batch.inputs,
+                                    donate=True)
+        state = dp.init(params, carry, key=jax.random.key(0), inputs=batch.inputs)
         t0 = time.perf_counter()
         state, m = dp.step(state, batch)
         jax.block_until_ready(m)

@@ -1,7 +1,7 @@
 """Character-level language model over the corpus as one stream, trained with stateful TBPTT(k1, k2).
 
 Reads ``configs/char_lm_tbptt.yaml``; feeds the training split as ``batch_size`` parallel streams in chunks of
-``k1`` characters through :func:`~jbptt.estimators.tbptt.train_stream` (one compiled step for every chunk, one
+``k1`` characters through :func:`~jbptt.train.train_stream` (one compiled step for every chunk, one
 optimizer step
 per chunk), evaluates bits per character statefully over the whole validation split, and writes
 ``char_lm_tbptt.json`` (curve, final val bits/char, training characters per second) to ``out``.
@@ -28,11 +28,12 @@ import optax
 import yaml
 
 from jbptt import cells, fused, losses
+from jbptt.batch import pad_chunk
 from jbptt.checkpoint import atomic_write
-from jbptt.estimators.tbptt import pad_chunk, prime_state, tbptt, train_stream
-from jbptt.experiment.runner import machine_info
+from jbptt.estimators.tbptt import tbptt
+from jbptt.experiment.rundir import machine_info
 from jbptt.tasks.text import VOCAB, text_stream
-from jbptt.train import init_train_state, make_train_step
+from jbptt.train import init_train_state, make_train_step, train_stream
 from jbptt.unroll import unroll
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "char_lm_tbptt.yaml")
@@ -79,8 +80,8 @@ def main(argv=None) -> dict:
     optimizer = optax.chain(optax.clip_by_global_norm(o.get("clip_norm", 1.0)), optax.adam(o["lr"]))
     stream = itertools.islice(text_stream(B, k1, "train", repeat=True), n_chunks)
     first = next(stream)
-    state = init_train_state(estimator, optimizer, params, cell.initial_carry(params, (B,)))
-    state = state._replace(est_state=prime_state(state.est_state, first.inputs))
+    state = init_train_state(estimator, optimizer, params, cell.initial_carry(params, (B,)),
+                             key=jax.random.key(cfg.get("seed", 0)), inputs=first.inputs)  # the k2 > k1 window
     train_step = jax.jit(make_train_step(estimator, optimizer))
     evaluate = make_stream_evaluator(cell, int(cfg["eval"]["batch_size"]), k1)
 

@@ -32,7 +32,8 @@ from jbptt import cells, fused, losses
 from jbptt.checkpoint import atomic_write
 from jbptt.estimators.bptt import bptt
 from jbptt.estimators.tbptt import tbptt
-from jbptt.experiment.runner import machine_info
+from jbptt.experiment.plots import pyplot, save_figure
+from jbptt.experiment.rundir import machine_info
 from jbptt.tasks import make_task
 from jbptt.train import init_train_state, make_train_step
 from jbptt.unroll import unroll
@@ -107,13 +108,7 @@ def markdown_table(rows, lags, truncations, threshold) -> str:
 
 
 def heat_map(rows, lags, truncations, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     by = {(r["lag"], str(r["truncation"])): r["mean"] for r in rows}
     grid = np.array([[by[(L, str(k))] for k in truncations] for L in lags])
     fig, ax = plt.subplots(figsize=(1.2 * len(truncations) + 2, 0.8 * len(lags) + 1.5))
@@ -127,11 +122,7 @@ def heat_map(rows, lags, truncations, path: str, title: str) -> None:
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < 0.6 else "k")
     fig.colorbar(im, ax=ax, label="final validation accuracy (mean over seeds)")
     ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def expected_to_learn(row) -> bool:

@@ -6,18 +6,29 @@
     jbptt plot RUN_DIR [RUN_DIR ...] [--out FILE] [--metric NAME]
     jbptt compare ...                 (the estimator-comparison harness, :mod:`~jbptt.experiment.compare`)
 
-Exit codes: 0 success (also early stopping), 1 a run halted on a NaN/Inf or a bad checkpoint, 2 a bad config
-or
-bad arguments (nothing is written), 128 + signal number when SIGINT/SIGTERM stopped a run (after
-checkpointing).
+Exit codes: 0 success (also early stopping), 1 a run halted on a NaN/Inf or a bad checkpoint, 2 a bad config or
+bad arguments (nothing is written), 128 + signal number when SIGINT/SIGTERM stopped a run (after checkpointing).
+
+Precision: ``run`` and ``compare`` scope ``jax_enable_x64`` to each run's ``model.dtype`` themselves; ``sample``
+runs the whole command inside that scope (:func:`jbptt.experiment.build.precision`). No command switches it for
+the process.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
+
+import jax
+
+from jbptt.checkpoint import CheckpointError
+from jbptt.experiment import compare, plots
+from jbptt.experiment.build import precision
+from jbptt.experiment.config import ConfigError, load_config
+from jbptt.experiment.runner import STATUS_EXIT_CODES, load_run, train
+from jbptt.experiment.sampling import generate
+from jbptt.tasks import text
 
 RESUME_OVERRIDABLE = (
     "training.steps",
@@ -37,10 +48,6 @@ def _err(msg: str, code: int) -> int:
 
 
 def _run(args) -> int:
-    from jbptt.checkpoint import CheckpointError, atomic_write
-    from jbptt.experiment.config import ConfigError, dump_config, load_config
-    from jbptt.experiment.runner import STATUS_EXIT_CODES, train
-
     try:
         if args.resume:
             if args.config is not None:
@@ -52,27 +59,14 @@ def _run(args) -> int:
                     f"cannot be changed when resuming (only {', '.join(RESUME_OVERRIDABLE)}* can)",
                     "<command line>",
                 )
-            path = os.path.join(args.resume, "config.yaml")
-            if not os.path.exists(path):
+            source = os.path.join(args.resume, "config.yaml")
+            if not os.path.exists(source):
                 return _err(f"{args.resume} is not a run folder (no config.yaml)", 2)
-            cfg = load_config(path, args.overrides)
-            source = path
+        elif args.config is None:
+            return _err("run needs a CONFIG file (or --resume RUN_DIR)", 2)
         else:
-            if args.config is None:
-                return _err("run needs a CONFIG file (or --resume RUN_DIR)", 2)
-            cfg = load_config(args.config, args.overrides)
             source = args.config
-        from jbptt.experiment.runner import start_processes
-
-        start_processes(cfg)  # multi-process JAX starts before anything touches a device
-        if args.resume:
-            from jbptt.experiment.runner import build
-
-            build(cfg, source)
-            import jax
-
-            if jax.process_index() == 0:  # in a multi-process run only process 0 writes
-                atomic_write(os.path.join(args.resume, "config.yaml"), dump_config(cfg))
+        cfg = load_config(source, args.overrides)
         summary = train(cfg, args.resume or args.run_dir, resume=bool(args.resume), quiet=args.quiet, source=source)
     except ConfigError as e:
         return _err(f"config error: {e}", 2)
@@ -99,42 +93,30 @@ def _describe(summary: dict) -> str:
 
 
 def _sample(args) -> int:
-    import jax
-
-    from jbptt.checkpoint import CheckpointError
-    from jbptt.experiment.config import ConfigError
-    from jbptt.experiment.runner import load_run
-    from jbptt.experiment.sampling import generate
-    from jbptt.tasks import text
-
     if args.length < 1 or args.temperature <= 0:
         return _err("--length must be >= 1 and --temperature > 0", 2)
+    path = os.path.join(args.run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return _err(f"checkpoint error: {args.run_dir} is not a run folder (no config.yaml)", 1)
     try:
-        cfg, exp, state = load_run(args.run_dir, args.checkpoint)
+        dtype = load_config(path).model.dtype
+        with precision(dtype):  # the run's arrays in the run's dtype, for the whole command
+            cfg, exp, state = load_run(args.run_dir, args.checkpoint)
+            if "vocab" not in exp.task.info:
+                return _err(f"sample needs a character-level model; this run's task is {cfg.task.name!r}", 2)
+            params = state if args.checkpoint == "best" else state.params
+            prompt = args.prompt or "\n"
+            ids = generate(exp.cell, params, text.encode(prompt), args.length, jax.random.key(args.seed),
+                           vocab_size=len(text.VOCAB), temperature=args.temperature)
     except ConfigError as e:
         return _err(f"config error: {e}", 2)
     except CheckpointError as e:
         return _err(f"checkpoint error: {e}", 1)
-    if "vocab" not in exp.task.info:
-        return _err(f"sample needs a character-level model; this run's task is {cfg.task.name!r}", 2)
-    params = state if args.checkpoint == "best" else state.params
-    prompt = args.prompt or "\n"
-    ids = generate(
-        exp.cell,
-        params,
-        text.encode(prompt),
-        args.length,
-        jax.random.key(args.seed),
-        vocab_size=len(text.VOCAB),
-        temperature=args.temperature,
-    )
     print(prompt + text.decode(ids))
     return 0
 
 
 def _plot(args) -> int:
-    from jbptt.experiment import plots
-
     for d in args.run_dirs:
         if not os.path.exists(os.path.join(d, "metrics.jsonl")):
             return _err(f"{d} is not a run folder (no metrics.jsonl)", 2)
@@ -146,17 +128,6 @@ def _plot(args) -> int:
         written += [flow] if flow else []
     print("\n".join(written))
     return 0
-
-
-def _compare(argv) -> int:
-    try:
-        compare = importlib.import_module("jbptt.experiment.compare")
-    except ImportError as e:
-        if getattr(e, "name", None) == "jbptt.experiment.compare":
-            return _err("the compare subcommand needs jbptt.experiment.compare, which this installation does "
-                        "not have", 2)
-        raise
-    return compare.main(argv) or 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -187,7 +158,7 @@ def main(argv=None) -> int:
     """Entry point of the ``jbptt`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
-        return _compare(argv[1:])
+        return compare.main(argv[1:]) or 0
     try:
         args = parser().parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad arguments, 0 for --help

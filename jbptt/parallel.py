@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,7 @@ from jbptt.estimator import GradientEstimator
 from jbptt.train import TrainState, init_train_state, make_train_step
 
 __all__ = [
-    "AXIS", "MODES", "DataParallel", "check_batch_divisible", "data_parallel", "initial_est_state",
+    "AXIS", "MODES", "DataParallel", "check_batch_divisible", "data_parallel",
     "initialize_distributed", "is_main_process", "maybe_initialize_distributed", "process_rows",
     "resolve_devices", "state_batch_axes", "weighted_pmean",
 ]
@@ -185,20 +185,14 @@ def _path_name(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def initial_est_state(estimator: GradientEstimator, params, carry, prepare=None):
-    """``estimator.init(params, carry)``, then ``prepare(state, carry)`` when given (see :func:`data_parallel`)."""
-    state = estimator.init(params, carry)
-    return state if prepare is None else prepare(state, carry)
-
-
-def state_batch_axes(estimator: GradientEstimator, params, carry, prepare=None):
+def state_batch_axes(estimator: GradientEstimator, params, carry, *, key=None, inputs=None):
     """Which leaves of the initial estimator state are per-example (see the module docstring's rule).
 
     Args:
       params: the parameters (only shapes are used).
       carry: the initial carry of the global batch; every leaf ``[B, ...]``.
-      prepare: optional ``prepare(state, carry) -> state`` run after ``estimator.init`` (see
-        :func:`data_parallel`).
+      key: the key passed to ``estimator.init`` (only its type is used).
+      inputs: the example inputs passed to ``estimator.init`` (leaves ``[B, T, ...]``; only shapes are used).
 
     Returns:
       A pytree of bools with the structure of the estimator state: True where the leaf's leading axis is the
@@ -215,8 +209,11 @@ def state_batch_axes(estimator: GradientEstimator, params, carry, prepare=None):
         return jax.ShapeDtypeStruct((n,) + tuple(jnp.shape(c)[1:]), jnp.result_type(c))
 
     def shapes(n):
-        return jax.eval_shape(lambda p, c: initial_est_state(estimator, p, c, prepare), params,
-                              jax.tree.map(lambda c: resized(c, n), carry))
+        def init(p, c, x):
+            return estimator.init(p, c, key=key, inputs=x)
+
+        return jax.eval_shape(init, params, jax.tree.map(lambda c: resized(c, n), carry),
+                              jax.tree.map(lambda x: resized(x, n), inputs))
 
     shape_b, shape_b1 = shapes(B), shapes(B + 1)
 
@@ -282,7 +279,8 @@ class DataParallel(NamedTuple):
       devices: the devices used (every process's).
       batch_size: the global batch size ``B``.
       state_axes: a :class:`TrainState` of bools, True for the per-example (sharded) leaves.
-      init: ``init(params, carry) -> state`` placed on the devices (``carry``: the global initial carry).
+      init: ``init(params, carry, *, key=None, inputs=None) -> state`` placed on the devices (``carry``: the
+        global initial carry; ``key`` and ``inputs`` go to ``estimator.init``).
       place: ``place(host_state) -> state``: places a global single-device-layout :class:`TrainState` (e.g. a
         restored checkpoint) on the devices; every process passes the same global state.
       step: ``step(state, batch) -> (state, metrics)``: one training step; ``batch`` holds this process's rows
@@ -296,15 +294,15 @@ class DataParallel(NamedTuple):
     devices: list
     batch_size: int
     state_axes: TrainState
-    init: Callable[[Any, Any], TrainState]
+    init: Callable[..., TrainState]
     place: Callable[[TrainState], TrainState]
     step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
     gather: Callable[[TrainState], TrainState]
 
 
 def data_parallel(estimator: GradientEstimator, optimizer: optax.GradientTransformation, params, carry, *,
-                  mode: str = "sharded", devices: str | int | Sequence = "auto", state_axes=None,
-                  prepare: Callable[[Any, Any], Any] | None = None, donate: bool = False) -> DataParallel:
+                  mode: str = "sharded", devices: str | int | Sequence = "auto", state_axes=None, inputs=None,
+                  donate: bool = False) -> DataParallel:
     """Builds data-parallel training for ``estimator`` and ``optimizer``.
 
     Args:
@@ -316,10 +314,9 @@ def data_parallel(estimator: GradientEstimator, optimizer: optax.GradientTransfo
       mode: ``"none"`` (one device, plain ``jit``), ``"pmap"`` or ``"sharded"`` (``jit`` + ``NamedSharding``).
       devices: ``"auto"``, a device count or a device list (see :func:`resolve_devices`).
       state_axes: optional pytree of bools over the estimator state overriding :func:`state_batch_axes`.
-      prepare: optional ``prepare(est_state, carry) -> est_state`` applied after ``estimator.init`` by ``init``
-        and by the axis detection, for estimators whose state gains leaves on its first update (the state's
-        structure must not change between steps). E.g. TBPTT with ``k2 > k1``:
-        ``lambda s, c: tbptt.prime_state(s, jnp.zeros((c.shape[0], 1, input_size)))``.
+      inputs: an example of the training inputs of the global batch (leaves ``[B, T, ...]``; only shapes are read
+        here), for estimators whose state holds inputs (TBPTT's replay window): ``estimator.init`` allocates that
+        state from it, so the state's structure is fixed from the start. Pass the same to ``init``.
       donate: donate the incoming train state to the step: saves a copy of the state (e.g. a large influence
         matrix) but the state passed to ``step`` is consumed, so a caller that keeps the previous state (to
         halt on a NaN, say) must leave it False.
@@ -343,7 +340,7 @@ def data_parallel(estimator: GradientEstimator, optimizer: optax.GradientTransfo
         raise ValueError(f"every process must own the same number of the {len(devs)} devices")
     B = _batch_size(carry)
     check_batch_divisible(B, len(devs))
-    est_axes = state_axes if state_axes is not None else state_batch_axes(estimator, params, carry, prepare)
+    est_axes = state_axes if state_axes is not None else state_batch_axes(estimator, params, carry, inputs=inputs)
     opt_shapes = jax.eval_shape(optimizer.init, params)
     axes = TrainState(jax.tree.map(lambda _: False, params), jax.tree.map(lambda _: False, opt_shapes),
                       est_axes, False)
@@ -354,9 +351,9 @@ def data_parallel(estimator: GradientEstimator, optimizer: optax.GradientTransfo
     def check(state, what):
         if jax.tree_util.tree_structure(state) != structure:
             raise ValueError(f"data_parallel: the {what} has another pytree structure than the state the "
-                             "layout was built for (estimator.init at construction). An estimator whose state "
-                             "gains leaves on its first update (TBPTT with k2 > k1) needs `prepare`, e.g. "
-                             "tbptt.prime_state")
+                             "layout was built for (estimator.init at construction). An estimator's init must "
+                             "allocate its whole state (from `inputs`, for state that holds inputs: pass the same "
+                             "example inputs to data_parallel and to init); its update must keep that structure")
         return state
 
     def checked_place(host_state):
@@ -366,9 +363,8 @@ def data_parallel(estimator: GradientEstimator, optimizer: optax.GradientTransfo
         new_state, metrics = step(check(state, "state passed to step"), batch)
         return check(new_state, "state returned by the estimator's update"), metrics
 
-    def init(params, carry):
-        state = init_train_state(estimator, optimizer, params, carry)
-        return checked_place(state._replace(est_state=initial_est_state(estimator, params, carry, prepare)))
+    def init(params, carry, *, key=None, inputs=inputs):
+        return checked_place(init_train_state(estimator, optimizer, params, carry, key=key, inputs=inputs))
 
     return DataParallel(mode, devs, B, axes, init, checked_place, checked_step, gather)
 

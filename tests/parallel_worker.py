@@ -1,19 +1,24 @@
 """Subprocess worker for tests/test_parallel.py: JAX needs its device count fixed before it starts.
 
     python tests/parallel_worker.py single --devices 8 --out OUT.json [--estimators bptt,tbptt,rtrl]
-    python tests/parallel_worker.py multi --process-id P --num-processes 2 --coordinator 127.0.0.1:PORT
-        --devices 2 --out OUT.json
+        [--runner-config CFG --runner-dir DIR] [--bench-json OUT.json]
+    python tests/parallel_worker.py multi --out OUT.json --runner-config CFG --runner-dir DIR [-- OVERRIDES]
 
 ``single`` runs every single-process check in one JAX start (cheaper than one subprocess per check) and writes
-the measured errors; the test asserts on them. ``multi`` is one process of a multi-process run; only process 0
+the measured errors; the test asserts on them. ``multi`` is one process of a two-process run: it first runs
+``jbptt run CFG --run-dir DIR OVERRIDES`` in-process (which starts ``jax.distributed`` from the overrides or the
+``JAX_*`` environment variables, as the command does), then the library's multi-process checks; only process 0
 writes ``OUT.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import runpy
 import sys
 import tempfile
 
@@ -21,30 +26,26 @@ import tempfile
 def parse_args(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["single", "multi"])
-    parser.add_argument("--devices", type=int, required=True, help="CPU devices of this process")
+    parser.add_argument("--devices", type=int, default=None, help="CPU devices of this process (single)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--estimators", default="bptt", help="exact one-step checks (float64)")
     parser.add_argument("--short", default="bptt", help="ten-step float32 runs across modes")
-    parser.add_argument("--process-id", type=int)
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--coordinator")
-    parser.add_argument("--runner-config", help="also run this runner config on 4 devices (sharded) into "
-                                                "--runner-dir, the reference of the two-process CLI run")
+    parser.add_argument("--runner-config", help="single: also run this runner config on 4 devices (sharded) into "
+                                                "--runner-dir, the reference of the two-process CLI run; multi: "
+                                                "the config of the two-process CLI run")
     parser.add_argument("--runner-dir")
-    return parser.parse_args(argv)
+    parser.add_argument("--bench-json", help="single: also run experiments/bench_scaling.py as a script")
+    parser.add_argument("overrides", nargs="*", help="multi: dotted overrides of the CLI run")
+    return parser.parse_intermixed_args(argv)
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, ROOT)
     import jax
 
-    if ARGS.what == "multi":
-        from jbptt import parallel
-
-        parallel.initialize_distributed(ARGS.coordinator, ARGS.num_processes, ARGS.process_id,
-                                        local_device_count=ARGS.devices, timeout_s=60)
-    else:
+    if ARGS.what == "single":
         jax.config.update("jax_num_cpu_devices", ARGS.devices)
     jax.config.update("jax_enable_x64", True)
 
@@ -61,15 +62,6 @@ STEPS_SHORT = 10
 ESTIMATOR_OPTIONS = {"bptt": {"stateful": True}, "rtrl": {"stateful": True}, "snap1": {"stateful": True},
                      "tbptt": {"k1": 2, "k2": 3, "stateful": True}}  # 3 chunks a step, a replay window
 EXACT_FIRST_STEP = ("bptt", "rtrl")  # estimators whose first step is the full BPTT gradient
-
-
-def prepare_for(name):
-    """The ``prepare`` hook of data_parallel: TBPTT with k2 > k1 allocates its replay window up front."""
-    if name != "tbptt":
-        return None
-    from jbptt.estimators.tbptt import prime_state
-
-    return lambda state, carry: prime_state(state, jnp.zeros((carry.shape[0], 1, I), carry.dtype))
 
 
 def record_grads() -> optax.GradientTransformation:
@@ -120,10 +112,9 @@ def max_abs_err(a, b) -> float:
 def run(name, dtype, mode, devices, steps, masked, optimizer):
     """Trains ``steps`` steps; returns (per-step metrics, per-step recorded grads, final gathered state)."""
     cell, estimator, params, batch_fn = problem(name, dtype)
-    carry = cell.initial_carry(params, (B,))
-    dp = parallel.data_parallel(estimator, optimizer, params, carry, mode=mode, devices=devices,
-                                prepare=prepare_for(name))
-    state = dp.init(params, carry)
+    carry, inputs = cell.initial_carry(params, (B,)), batch_fn(0, masked).inputs  # the global batch
+    dp = parallel.data_parallel(estimator, optimizer, params, carry, mode=mode, devices=devices, inputs=inputs)
+    state = dp.init(params, carry, key=jax.random.key(0), inputs=inputs)
     rows = parallel.process_rows(B)
     metrics, grads = [], []
     for step in range(steps):
@@ -162,15 +153,21 @@ def single_checks(names, short_names):
         if name == short_names[0]:  # the 4-device reference for the multi-process run
             out["short4"][name] = {mode: run(name, jnp.float32, mode, 4, STEPS_SHORT, True,
                                              optax.adam(1e-2))[0] for mode in ("pmap", "sharded")}
-    if "tbptt" in names:  # TBPTT(2, 3) without `prepare`: its state changes structure on the first update
-        cell, estimator, params, batch_fn = problem("tbptt", jnp.float64)
-        carry = cell.initial_carry(params, (B,))
-        try:
-            dp = parallel.data_parallel(estimator, optax.sgd(0.1), params, carry, mode="sharded")
-            dp.step(dp.init(params, carry), batch_fn(0))
-            out["structure_error"] = None
-        except ValueError as e:
-            out["structure_error"] = str(e)
+    # An estimator whose update adds a leaf to its state: the data-parallel layout refuses it with a clear error.
+    cell, estimator, params, batch_fn = problem("bptt", jnp.float64)
+
+    def grow(p, s, b):
+        loss, grads, inner = estimator.update(p, s["inner"], b)
+        return loss, grads, {"inner": inner, "extra": loss}
+
+    growing = jbptt.GradientEstimator(lambda p, c, **kw: {"inner": estimator.init(p, c, **kw)}, grow)
+    carry = cell.initial_carry(params, (B,))
+    try:
+        dp = parallel.data_parallel(growing, optax.sgd(0.1), params, carry, mode="sharded")
+        dp.step(dp.init(params, carry), batch_fn(0))
+        out["structure_error"] = None
+    except ValueError as e:
+        out["structure_error"] = str(e)
     cell, estimator, params, _ = problem("bptt", jnp.float64)
     try:
         parallel.data_parallel(estimator, optax.sgd(0.1), params, cell.initial_carry(params, (12,)),
@@ -178,13 +175,25 @@ def single_checks(names, short_names):
         out["indivisible_error"] = None
     except ValueError as e:
         out["indivisible_error"] = str(e)
-    if ARGS is not None and ARGS.runner_config:  # last: it runs with float64 off, like `jbptt run`
+    if ARGS is not None and ARGS.runner_config:  # the runner scopes x64 to the config's float32 itself
         from jbptt.experiment.config import load_config
         from jbptt.experiment.runner import train
 
-        jax.config.update("jax_enable_x64", False)
         cfg = load_config(ARGS.runner_config, ["parallel.mode=sharded", "parallel.devices=4"])
         out["runner"] = train(cfg, ARGS.runner_dir)["status"]
+        out["x64_after_runner"] = bool(jax.config.jax_enable_x64)
+    if ARGS is not None and ARGS.bench_json:  # the benchmark script as __main__, on 2 of the 8 devices
+        argv = ["bench_scaling.py", "--devices", "8", "--counts", "1,2", "--scaling", "strong,weak", "--modes",
+                "sharded", "--steps", "2", "--repeats", "1", "--hidden", "8", "--T", "4", "--batch", "4",
+                "--per-device-batch", "2", "--cell", "elman", "--json", ARGS.bench_json]
+        stdout, saved = io.StringIO(), sys.argv
+        try:
+            sys.argv = argv
+            with contextlib.redirect_stdout(stdout):
+                runpy.run_path(os.path.join(ROOT, "experiments", "bench_scaling.py"), run_name="__main__")
+        finally:
+            sys.argv = saved
+        out["bench_stdout"] = stdout.getvalue()
     return out
 
 
@@ -206,6 +215,12 @@ def write_json(path, obj):
 
 if __name__ == "__main__":
     names, short_names = ARGS.estimators.split(","), ARGS.short.split(",")
+    if ARGS.what == "multi":  # `jbptt run` starts jax.distributed from its config or the environment
+        from jbptt import cli
+
+        code = cli.main(["run", ARGS.runner_config, *ARGS.overrides, "--quiet", "--run-dir", ARGS.runner_dir])
+        if code != 0:
+            sys.exit(code)
     result = (single_checks if ARGS.what == "single" else multi_checks)(names, short_names)
     if parallel.is_main_process():
         write_json(ARGS.out, result)

@@ -13,7 +13,7 @@ TINY = {
     "task": {"name": "delayed_recall", "options": {"length": 6, "lag": 1, "n_symbols": 2}},
     "model": {"cell": "elman", "hidden": 3, "dtype": "float64"},
     "optimizer": {"name": "adam", "lr": 0.01},
-    "estimators": ["bptt", {"name": "rtrl", "label": "rtrl_jvp", "options": {"mode": "jvp"}}],
+    "estimators": ["bptt", {"name": "rtrl", "label": "rtrl_jvp", "options": {"mode": "jvp", "stateful": True}}],
     "agreement": {"batch_size": 2, "batches": 1},
     "training": {"steps": 2, "batch_size": 2, "online_chunk": 3, "eval_every": 2, "eval_batch_size": 4,
                  "align_every": 2},
@@ -33,7 +33,8 @@ def test_compare_writes_the_report(tmp_path):
     assert ag["relative_error"]["rtrl_jvp"] <= 1e-10 and ag["cosine"]["rtrl_jvp"] == pytest.approx(1.0)
     assert len(ag["alignment_matrix"]) == 2
     curves = report["training"]["curves"]
-    assert curves["rtrl_jvp"]["updates"][-1] == 4 and curves["bptt"]["updates"][-1] == 2  # online: 2 chunks a sequence
+    # stateful estimators update every online_chunk steps (2 chunks a sequence), the others once per sequence
+    assert curves["rtrl_jvp"]["updates"][-1] == 4 and curves["bptt"]["updates"][-1] == 2
     tiny = report["scaling"]["tiny"]["estimators"]
     assert len(tiny["bptt"]["points"]) == 2 and tiny["bptt"]["memory_exponent"]["all"] is not None
     assert "max_influence_bytes" in tiny["rtrl"]["skipped"]  # the size guard stops the series with its reason
@@ -45,6 +46,7 @@ def test_compare_writes_the_report(tmp_path):
 
 @pytest.mark.parametrize("change,where", [
     ({"estimators": ["rtrl"]}, "estimators"),
+    ({"reference": "rtrl_jvp_typo"}, "estimators"),
     ({"bogus": 1}, "bogus"),
     ({"training": {"online_chunk": 0}}, "training.online_chunk"),
     ({"scaling": {"series": [{"cell": "elman", "vary": "x", "values": [1, 2], "estimators": ["bptt"]}]}},

@@ -1,6 +1,5 @@
 """Config parsing: every kind of error names the file and key path, exits 2 and writes nothing; overrides."""
 
-import os
 
 import pytest
 import yaml
@@ -39,6 +38,9 @@ BAD = [
     ("bad nan policy", {"training": {"on_nan": "ignore"}}, "training.on_nan", "halt"),
     ("bad parallel", {"parallel": {"mode": "dp"}}, "parallel.mode", "none, pmap or sharded"),
     ("warmup without steps", {"optimizer": {"schedule": "warmup"}}, "optimizer.warmup_steps", "warmup_steps"),
+    ("bad fused", {"model": {"fused": "fast"}}, "model.fused", "auto, none or false"),
+    ("fused option on a plain cell", {"model": {"fused": "none", "options": {"method": "vjp"}}}, "model.options",
+     "method"),
 ]
 
 
@@ -97,13 +99,20 @@ def test_resolved_config_round_trips(tmp_path):
     assert yaml.safe_load(dump_config(cfg))["remat"] == {"policy": "none", "options": {}}
 
 
-def test_open_remat_section_and_missing_modules(tmp_path, capsys):
+def test_open_remat_section():
     cfg = parse_config({"task": {"name": "adding"}, "remat": {"policy": "every_k", "k": 4}})
     assert cfg.remat.options == {"k": 4}
-    try:
-        import jbptt.remat  # noqa: F401
-    except ImportError:
-        raw = tiny_raw(tmp_path / "runs", remat={"policy": "every_k", "k": 4})
-        assert cli.main(["run", write_config(tmp_path / "r.yaml", raw)]) == 2
-        assert "remat.policy" in capsys.readouterr().err
-        assert not os.path.exists(tmp_path / "runs")
+
+
+def test_model_fused_key_picks_the_cell_builder():
+    """``model.fused: auto`` (the default) builds cells with their fused fast path, ``none``/``false`` plain ones."""
+    from jbptt.experiment.build import build_cell
+
+    def cell(**model):
+        raw = {"task": {"name": "adding"}, "model": {"cell": "lstm", "hidden": 4, **model}}
+        return build_cell(parse_config(raw), 1)
+
+    assert parse_config({"task": {"name": "adding"}}).model.fused == "auto"
+    assert cell().fused is not None and cell(layers=2).fused is not None
+    assert cell(fused="none").fused is None and cell(fused=False).fused is None
+    assert cell(cell="indrnn").fused is None  # no fused layer: the plain cell

@@ -1,8 +1,9 @@
 """Data-parallel training (jbptt.parallel) on 8 forced CPU devices and across two processes.
 
-JAX fixes its device count when it starts, so the checks run in subprocesses (tests/parallel_worker.py): one
-8-device process runs every single-process check, and two 2-device processes (gloo collectives on 127.0.0.1)
-run the multi-process check, all three started at once.
+JAX fixes its device count when it starts, so the checks run in subprocesses (tests/parallel_worker.py), all three
+started at once: one 8-device process runs every single-process check (and experiments/bench_scaling.py), and two
+2-device processes (gloo collectives on 127.0.0.1) run `jbptt run` as one two-process run and then the library's
+multi-process checks.
 """
 
 import json
@@ -66,28 +67,25 @@ def run_all(commands, out):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Runs, all at once: the 8-device worker (which also runs the runner's 4-device reference), two worker
-    processes of a 2 x 2-device library run, and two `jbptt run` processes of a 2 x 2-device runner run (one
-    configured by dotted overrides, the other by the JAX_* environment variables). Returns the results."""
+    """Runs, all at once: the 8-device worker (which also runs the runner's 4-device reference and the scaling
+    benchmark), and two worker processes of a 2 x 2-device run: each first runs `jbptt run` (process 0 configured
+    by dotted overrides, process 1 by the JAX_* environment variables), then the library checks. Returns the
+    results."""
     out = tmp_path_factory.mktemp("parallel")
     config = write_config(out / "tiny.yaml", tiny_raw(out / "runs"))
     common = [sys.executable, WORKER]
     single = [*common, "single", "--devices", "8", "--out", str(out / "single.json"),
               "--estimators", ",".join(EXACT), "--short", ",".join(SHORT), "--runner-config", config,
-              "--runner-dir", str(out / "run4")]
-    port, cli_port = free_port(), free_port()
-    multi = [[*common, "multi", "--devices", "2", "--out", str(out / f"multi{p}.json"),
-              "--short", ",".join(SHORT), "--process-id", str(p), "--num-processes", "2",
-              "--coordinator", f"127.0.0.1:{port}"] for p in range(2)]
-    run = [sys.executable, "-m", "jbptt", "run", config, "parallel.mode=sharded"]
-    cli = [[*run, "parallel.num_processes=2", "parallel.process_id=0",
-            f"parallel.coordinator_address=127.0.0.1:{cli_port}", "--quiet", "--run-dir", str(out / "cli0")],
-           [*run, "--quiet", "--run-dir", str(out / "cli1")]]
-    cli_env = [{"JAX_NUM_CPU_DEVICES": "2"},
-               {"JAX_NUM_CPU_DEVICES": "2", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{cli_port}",
-                "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}]
-    commands = [(single, {}), *((m, {}) for m in multi), *zip(cli, cli_env, strict=True)]
-    codes, logs = run_all(commands, out)
+              "--runner-dir", str(out / "run4"), "--bench-json", str(out / "scaling.json")]
+    port = free_port()
+    multi = [[*common, "multi", "--out", str(out / f"multi{p}.json"), "--short", ",".join(SHORT),
+              "--runner-config", config, "--runner-dir", str(out / f"cli{p}"), "parallel.mode=sharded"]
+             for p in range(2)]
+    multi[0] += ["parallel.num_processes=2", "parallel.process_id=0", f"parallel.coordinator_address=127.0.0.1:{port}"]
+    env = [{"JAX_NUM_CPU_DEVICES": "2"},
+           {"JAX_NUM_CPU_DEVICES": "2", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": "1"}]
+    codes, logs = run_all([(single, {}), *zip(multi, env, strict=True)], out)
     for code, log in zip(codes, logs, strict=True):
         assert code == 0, log[-4000:]
     assert not (out / "multi1.json").exists(), "only process 0 writes results"
@@ -137,6 +135,7 @@ def test_runner_two_processes_equal_one_process_with_four_devices(results):
     and the logged metrics equal the single-process 4-device run's."""
     out = results["dir"]
     assert results["single"]["runner"] == "completed"
+    assert results["single"]["x64_after_runner"] is True  # the float32 run scoped x64 off and restored it
     assert not (out / "cli1").exists(), "only process 0 writes the run folder"
     ref, got = metrics_without_time(out / "run4"), metrics_without_time(out / "cli0")
     assert len(got) == len(ref) > 0 and [r["step"] for r in got] == [r["step"] for r in ref]
@@ -156,26 +155,21 @@ def test_indivisible_batch_names_both_numbers(results):
     assert msg is not None and "12" in msg and "8" in msg
 
 
-def test_bench_scaling_smoke(tmp_path):
-    """experiments/bench_scaling.py runs standalone on 2 forced CPU devices and writes its JSON."""
-    out = tmp_path / "scaling.json"
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "bench_scaling.py"), "--devices", "2",
-           "--scaling", "strong,weak", "--modes", "sharded", "--steps", "2", "--repeats", "1", "--hidden", "8",
-           "--T", "4", "--batch", "4", "--per-device-batch", "2", "--cell", "elman", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIME_LIMIT_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+def test_bench_scaling_smoke(results):
+    """experiments/bench_scaling.py runs as a script (in the 8-device worker, on 1 and 2 devices) and writes its
+    JSON."""
+    result = json.loads((results["dir"] / "scaling.json").read_text())
     assert result["counts"] == [1, 2] and result["platform"] == "cpu"
     assert {(r["scaling"], r["devices"], r["batch"]) for r in result["rows"]} == {
         ("strong", 1, 4), ("strong", 2, 4), ("weak", 1, 2), ("weak", 2, 4)}
     assert all(r["finite"] and r["steps_per_s"] > 0 for r in result["rows"])
-    assert "| strong | sharded |" in proc.stdout
+    assert "| strong | sharded |" in results["single"]["bench_stdout"]
 
 
 def test_structure_change_gets_a_clear_error(results):
     single = results["single"]
     msg = single["structure_error"]
-    assert msg is not None and "prepare" in msg and "prime_state" in msg
+    assert msg is not None and "another pytree structure" in msg and "init must allocate its whole state" in msg
 
 
 # In-process checks (one CPU device is enough).
@@ -184,7 +178,7 @@ def test_structure_change_gets_a_clear_error(results):
 def _estimator_with_state(make_state):
     from jbptt.estimator import GradientEstimator
 
-    return GradientEstimator(lambda params, carry: make_state(carry), None)
+    return GradientEstimator(lambda params, carry, **kw: make_state(carry), None)
 
 
 def test_state_batch_axes_rule():
@@ -220,10 +214,7 @@ def test_rtrl_and_tbptt_state_axes():
     assert jax.tree_util.tree_leaves(rtrl.carry) == [True] and jax.tree_util.tree_leaves(rtrl.trace) == [True]
     assert rtrl.key is False
     tb = jbptt.make_estimator("tbptt", cell, losses.mse, k1=2, k2=3, stateful=True, artbp=0.1)
-    from jbptt.estimators.tbptt import prime_state
-
-    axes = parallel.state_batch_axes(tb, params, carry,
-                                     lambda s, c: prime_state(s, jnp.zeros((c.shape[0], 1, 2))))
+    axes = parallel.state_batch_axes(tb, params, carry, key=jax.random.key(0), inputs=jnp.zeros((3, 1, 2)))
     assert axes.window.inputs is True and axes.since_truncation is True and axes.key is False
 
 
@@ -265,11 +256,11 @@ def test_every_registered_estimator_has_a_batch_axis_layout():
     """The axis rule classifies every registered estimator's state: per-example carries and traces are
     sharded, keys replicated (B = 3 = hidden size, so sizes alone could not tell)."""
     import jax
+    import jax.numpy as jnp
 
     import jbptt
     from jbptt import cells, losses, parallel
     from jbptt.estimator import ESTIMATORS
-
 
     cell = cells.with_readout(cells.elman(3), 2)
     params = cell.init(jax.random.key(0), 2)
@@ -277,8 +268,8 @@ def test_every_registered_estimator_has_a_batch_axis_layout():
     options = {"tbptt": {"k1": 2, "k2": 2, "artbp": 0.1}}
     assert {"bptt", "tbptt", "rtrl", "uoro", "snap1"} <= set(ESTIMATORS)
     for name in sorted(n for n, f in ESTIMATORS.items() if f.__module__.startswith("jbptt.")):  # not tests'
-        axes = parallel.state_batch_axes(jbptt.make_estimator(name, cell, losses.mse, **options.get(name, {})),
-                                         params, carry)
+        est = jbptt.make_estimator(name, cell, losses.mse, **options.get(name, {}))
+        axes = parallel.state_batch_axes(est, params, carry, key=jax.random.key(0), inputs=jnp.zeros((3, 4, 2)))
         assert all(jax.tree_util.tree_leaves(axes.carry)), name
         for field in ("trace", "since_truncation"):
             if hasattr(axes, field):
@@ -318,8 +309,8 @@ def test_readme_parallel_example_runs():
 
 
 def test_runner_tbptt_with_replay_window_in_parallel_mode(tmp_path):
-    """`estimator: tbptt` with k2 > k1 (a state that grows on its first update) trains in the runner's
-    parallel path like in the plain one: the runner primes the state up front."""
+    """`estimator: tbptt` with k2 > k1 (a replay window of past inputs in its state) trains in the runner, and in
+    its parallel path like in the plain one: its init allocates the window from the example inputs."""
     from jbptt.experiment.config import parse_config
     from jbptt.experiment.runner import train
 
@@ -327,7 +318,8 @@ def test_runner_tbptt_with_replay_window_in_parallel_mode(tmp_path):
     for mode in ("none", "pmap"):
         raw = tiny_raw(tmp_path, estimator={"name": "tbptt", "options": {"k1": 2, "k2": 4, "stateful": True}},
                        parallel={"mode": mode}, training={"steps": 6, "eval_every": 3, "checkpoint_every": 3})
-        assert train(parse_config(raw), str(tmp_path / mode))["status"] == "completed"
+        summary = train(parse_config(raw), str(tmp_path / mode))
+        assert summary["status"] == "completed" and summary["steps"] == 6
         runs[mode] = metrics_without_time(tmp_path / mode)
     assert len(runs["none"]) == len(runs["pmap"]) > 0
     for a, b in zip(runs["pmap"], runs["none"], strict=True):

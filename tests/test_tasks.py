@@ -18,6 +18,16 @@ SMALL = {
 }
 
 
+def sample(task, key, batch_size: int, split: str = "train"):
+    """``task.sample`` under ``jit`` (one compilation instead of one per operation)."""
+    return jax.jit(task.sample, static_argnums=(1, 2))(key, batch_size, split)
+
+
+def metrics(task, ys, batch):
+    """``task.metrics`` under ``jit``."""
+    return jax.jit(task.metrics)(ys, batch)
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_shapes_determinism_and_splits(name, key):
     task = make_task(name, **SMALL[name])
@@ -37,10 +47,10 @@ def test_shapes_determinism_and_splits(name, key):
             np.testing.assert_array_equal(x, y)
     other = sample(jax.random.key(1), 5, "train")
     assert not np.array_equal(b.inputs, other.inputs)
-    val = sample(key, 5, "val")
+    val = task.sample(key, 5, "val")  # eagerly: the operations compiled for the first batch serve it
     assert not np.array_equal(b.inputs, val.inputs)
     ys = jnp.zeros((B, T, task.output_size))
-    m = task.metrics(ys, b)
+    m = metrics(task, ys, b)
     assert task.metric in m and all(jnp.shape(v) == () for v in m.values())
 
 
@@ -56,33 +66,34 @@ def test_bad_names_and_options():
 
 
 def test_adding_labels(key):
-    b = make_task("adding", length=20).sample(key, 64)
+    task = make_task("adding", length=20)
+    b = sample(task, key, 64)
     values, marks = np.asarray(b.inputs[..., 0]), np.asarray(b.inputs[..., 1])
     assert (marks.sum(1) == 2).all() and (marks[:, :10].sum(1) == 1).all()
     np.testing.assert_allclose(b.targets[:, -1, 0], (values * marks).sum(1), rtol=1e-6)
     assert (np.asarray(b.mask)[:, -1] == 1).all() and np.asarray(b.mask)[:, :-1].sum() == 0
     # The constant-1 guess scores about 1/6.
-    mse = make_task("adding", length=20).metrics(jnp.ones((64, 20, 1)), b)["mse"]
+    mse = metrics(task, jnp.ones((64, 20, 1)), b)["mse"]
     assert 0.08 < float(mse) < 0.3
 
 
 def test_copy_and_delayed_recall_labels(key):
-    b = make_task("copy", length=4, lag=3, n_symbols=5).sample(key, 3)
+    b = sample(make_task("copy", length=4, lag=3, n_symbols=5), key, 3)
     ids = np.argmax(np.asarray(b.inputs[:, :4, :5]), -1)
     np.testing.assert_array_equal(np.asarray(b.targets[:, 8:]), ids)
     assert np.asarray(b.inputs[:, 7, 5]).tolist() == [1, 1, 1] and np.asarray(b.mask[:, :8]).sum() == 0
-    b = make_task("delayed_recall", length=10, lag=3).sample(key, 4)
+    task = make_task("delayed_recall", length=10, lag=3)
+    b = sample(task, key, 4)
     ids = np.argmax(np.asarray(b.inputs), -1)
     np.testing.assert_array_equal(np.asarray(b.targets[:, 3:]), ids[:, :7])
     np.testing.assert_array_equal(np.asarray(b.mask[0]), [0] * 3 + [1] * 7)
     # A perfect predictor has accuracy 1.
-    task = make_task("delayed_recall", length=10, lag=3)
     logits = 10.0 * jax.nn.one_hot(b.targets, 4)
-    assert float(task.metrics(logits, b)["accuracy"]) == 1.0
+    assert float(metrics(task, logits, b)["accuracy"]) == 1.0
 
 
 def test_bracket_depths(key):
-    b = make_task("brackets", length=30, max_depth=3).sample(key, 8)
+    b = sample(make_task("brackets", length=30, max_depth=3), key, 8)
     toks = np.argmax(np.asarray(b.inputs), -1)
     depth = np.zeros(8, int)
     for t in range(30):
@@ -108,7 +119,7 @@ def test_digits_splits_and_labels(key):
 def test_text_roundtrip_and_shift(key):
     s = "def f(x):\n    return x  # ok"
     assert text.decode(text.encode(s)) == s and text.decode(text.encode("é")) == "?"
-    b = make_task("chars", seq_len=16).sample(key, 3)
+    b = sample(make_task("chars", seq_len=16), key, 3)
     ids = np.argmax(np.asarray(b.inputs), -1)
     np.testing.assert_array_equal(ids[:, 1:], np.asarray(b.targets[:, :-1]))
     segs = list(text.text_stream(2, 50, "test"))
@@ -120,6 +131,6 @@ def test_text_roundtrip_and_shift(key):
 def test_mackey_glass_series_and_targets(key):
     x = mackey_glass.mackey_glass_series()
     assert x.shape == (12000,) and 0.2 < x.min() < x.max() < 1.5  # the chaotic attractor's range
-    b = make_task("mackey_glass", length=30, horizon=2, washout=5).sample(key, 4)
+    b = sample(make_task("mackey_glass", length=30, horizon=2, washout=5), key, 4)
     np.testing.assert_array_equal(np.asarray(b.inputs[:, 2:]), np.asarray(b.targets[:, :-2]))
     np.testing.assert_array_equal(np.asarray(b.mask[0]), [0] * 5 + [1] * 25)

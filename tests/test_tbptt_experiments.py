@@ -1,4 +1,5 @@
-"""Fast versions of the TBPTT experiments and the runner integration (``estimator: tbptt``)."""
+"""Fast versions of the TBPTT experiments (the runner's ``estimator: tbptt`` is tested in test_parallel.py, in the
+plain and the data-parallel loop)."""
 
 import json
 import os
@@ -7,20 +8,7 @@ import sys
 import pytest
 import yaml
 
-from jbptt.experiment.config import parse_config
-from jbptt.experiment.runner import train
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-sys.path.insert(0, os.path.dirname(__file__))
-
-from runner_helpers import tiny_raw  # noqa: E402
-
-
-def test_runner_trains_with_tbptt(tmp_path):
-    raw = tiny_raw(tmp_path, estimator={"name": "tbptt", "options": {"k1": 3, "k2": 5}},
-                   training={"steps": 6, "eval_every": 6, "checkpoint_every": 6})
-    summary = train(parse_config(raw))
-    assert summary["status"] == "completed" and summary["steps"] == 6
 
 
 def test_truncation_vs_lag_reduced(tmp_path):

@@ -5,8 +5,9 @@
 the output folder:
 
 - ``report.json`` (everything measured), ``report.md`` (tables);
-- ``agreement.png`` (relative error and cosine to BPTT), ``alignment_matrix.png`` (estimator-by-estimator cosine,
-  as in Marschall, Cho & Savin 2020), ``alignment_training.png`` (cosine to BPTT along each estimator's training);
+- ``agreement.png`` (relative error and cosine to the reference), ``alignment_matrix.png`` (estimator-by-estimator
+  cosine, as in Marschall, Cho & Savin 2020), ``alignment_training.png`` (cosine to the reference along each
+  estimator's training);
 - ``scaling_<series>.png`` (wall time per update and XLA temp memory against ``T`` or ``n`` on log-log axes, with
   fitted exponents);
 - ``learning_curves.png`` (validation loss against iterations and against wall time).
@@ -16,7 +17,9 @@ A config (YAML, see ``configs/compare_small.yaml``)::
     task: {name: delayed_recall, options: {length: 20, lag: 3}}      # any jbptt.tasks task
     model: {cell: elman, hidden: 16, dtype: float64}                   # as in jbptt.experiment.config
     optimizer: {name: adam, lr: 0.01}
-    estimators: [bptt, rtrl, snap1, {name: rflo, label: rflo_fa, options: {feedback: random}}]
+    estimators: [bptt, {name: rtrl, options: {stateful: true}},
+                 {name: rflo, label: rflo_fa, options: {feedback: random, stateful: true}}]
+    reference: bptt                                                    # the label the others are compared with
     agreement: {batch_size: 8, batches: 2}
     training: {steps: 100, batch_size: 16, online_chunk: 5, eval_every: 10, align_every: 25}
     scaling: {batch_size: 4, repeats: 3, series: [{cell: elman, vary: n, values: [4, 8, 16], T: 20,
@@ -24,10 +27,13 @@ A config (YAML, see ``configs/compare_small.yaml``)::
     seed: 0
     out_dir: runs/compare_small
 
-Online estimators (everything but ``bptt``/``tbptt``) are trained with an optimizer update every ``online_chunk``
-steps, their state (carry and influence) carried between the chunks of a sequence; BPTT updates once per sequence.
-Agreement is always measured on whole sequences from the initial carry. Timings are medians of ``repeats`` calls of
-the compiled update; memory is ``compile().memory_analysis().temp_size_in_bytes``.
+The harness talks only to the estimator protocol. Every estimator's state is initialised afresh for every batch of
+sequences (``init(params, carry, key=, inputs=)``). Estimators configured ``stateful: true`` (they carry their state
+from one update to the next) are trained with an optimizer update every ``training.online_chunk`` steps, their state
+carried between the chunks of a sequence; the others update once per sequence. Agreement is always measured on
+whole sequences from the initial carry. Timings are medians of ``repeats`` calls of the compiled update; memory is
+``compile().memory_analysis().temp_size_in_bytes``. Each section runs with ``jax_enable_x64`` scoped to its dtype
+(``model.dtype``; ``scaling.dtype``).
 """
 
 from __future__ import annotations
@@ -36,7 +42,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -54,6 +59,7 @@ from jbptt.checkpoint import atomic_write
 from jbptt.diagnostics import cosine_similarity, relative_error
 from jbptt.estimator import make_estimator
 from jbptt.estimators.online import split_segment
+from jbptt.experiment.build import build_model, build_optimizer, precision
 from jbptt.experiment.config import (
     Config,
     ConfigError,
@@ -61,20 +67,14 @@ from jbptt.experiment.config import (
     OptimizerConfig,
     TaskConfig,
     TrainingConfig,
-    _parse_section,
     apply_overrides,
+    parse_section,
 )
+from jbptt.experiment.evaluate import make_eval_fn
+from jbptt.experiment.plots import pyplot, save_figure
+from jbptt.experiment.rundir import machine_info
 from jbptt.train import TrainState, make_train_step
-from jbptt.unroll import unroll
 
-OFFLINE = ("bptt", "tbptt")
-STATEFUL_ONLINE = ("rtrl", "snap", "snap1", "snap2", "uoro", "kfrtrl", "eprop", "rflo")
-
-
-def _online_options(spec) -> dict:
-    """jbptt's online estimators run ``stateful`` here: the harness re-initialises the state at every new batch
-    of sequences and carries it between the chunks of one sequence."""
-    return {"stateful": True, **spec.options} if spec.name in STATEFUL_ONLINE else dict(spec.options)
 SECTIONS = ("agreement", "scaling", "training")
 
 
@@ -89,6 +89,11 @@ class EstimatorSpec:
     name: str
     label: str | None = None
     options: dict = field(default_factory=dict)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the estimator carries its state between updates (then it is trained in online chunks)."""
+        return bool(self.options.get("stateful", False))
 
 
 @dataclass
@@ -147,6 +152,7 @@ class CompareConfig:
     agreement: AgreementConfig
     training: CompareTrainingConfig
     scaling: ScalingConfig | None
+    reference: str = "bptt"
     seed: int = 0
     out_dir: str = "runs/compare"
 
@@ -156,7 +162,7 @@ def _estimator_specs(raw, path: str, source: str) -> list[EstimatorSpec]:
         raise ConfigError(path, f"expected a non-empty list of estimators, got {raw!r}", source)
     specs = []
     for i, item in enumerate(raw):
-        spec = EstimatorSpec(item) if isinstance(item, str) else _parse_section(EstimatorSpec, item, f"{path}[{i}]",
+        spec = EstimatorSpec(item) if isinstance(item, str) else parse_section(EstimatorSpec, item, f"{path}[{i}]",
                                                                                source)
         spec.label = spec.label or spec.name
         specs.append(spec)
@@ -181,7 +187,7 @@ def parse_compare_config(raw, source: str = "<config>") -> CompareConfig:
     if raw.get("scaling") is not None:
         s = dict(raw["scaling"])
         series_raw = s.pop("series", [])
-        scaling = _parse_section(ScalingConfig, s, "scaling", source)
+        scaling = parse_section(ScalingConfig, s, "scaling", source)
         if not isinstance(series_raw, list):
             raise ConfigError("scaling.series", "expected a list", source)
         for i, item in enumerate(series_raw):
@@ -189,7 +195,7 @@ def parse_compare_config(raw, source: str = "<config>") -> CompareConfig:
             item = dict(item or {})
             ests = item.pop("estimators", None)
             vals = item.pop("values", None)
-            ser = _parse_section(ScalingSeries, item, path, source)
+            ser = parse_section(ScalingSeries, item, path, source)
             if ser.vary not in ("T", "n"):
                 raise ConfigError(f"{path}.vary", f"must be 'T' or 'n', got {ser.vary!r}", source)
             if ser.cell not in CELLS:
@@ -200,17 +206,20 @@ def parse_compare_config(raw, source: str = "<config>") -> CompareConfig:
             ser.name = ser.name or f"{ser.cell}_{ser.vary}"
             scaling.series.append(ser)
     cfg = CompareConfig(
-        task=_parse_section(TaskConfig, raw["task"], "task", source),
-        model=_parse_section(ModelConfig, raw.get("model"), "model", source),
-        optimizer=_parse_section(OptimizerConfig, raw.get("optimizer"), "optimizer", source),
+        task=parse_section(TaskConfig, raw["task"], "task", source),
+        model=parse_section(ModelConfig, raw.get("model"), "model", source),
+        optimizer=parse_section(OptimizerConfig, raw.get("optimizer"), "optimizer", source),
         estimators=_estimator_specs(raw.get("estimators", ["bptt", "rtrl"]), "estimators", source),
-        agreement=_parse_section(AgreementConfig, raw.get("agreement"), "agreement", source),
-        training=_parse_section(CompareTrainingConfig, raw.get("training"), "training", source),
+        agreement=parse_section(AgreementConfig, raw.get("agreement"), "agreement", source),
+        training=parse_section(CompareTrainingConfig, raw.get("training"), "training", source),
         scaling=scaling,
+        reference=raw.get("reference", "bptt"),
         seed=raw.get("seed", 0),
         out_dir=raw.get("out_dir", "runs/compare"))
-    if "bptt" not in [s.name for s in cfg.estimators]:
-        raise ConfigError("estimators", "must include bptt (the reference)", source)
+    labels = [s.label for s in cfg.estimators]
+    if cfg.reference not in labels:
+        raise ConfigError("estimators", f"must include the reference {cfg.reference!r} (the estimators compared "
+                          f"with it are {labels}; set `reference` to one of them)", source)
     chunk = cfg.training.online_chunk
     if chunk is not None and chunk < 1:
         raise ConfigError("training.online_chunk", f"must be >= 1, got {chunk}", source)
@@ -237,39 +246,34 @@ def _flat(tree):
     return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(tree)])
 
 
-def _experiment(cfg: CompareConfig):
-    from jbptt.experiment.runner import build_cell, build_optimizer
-    from jbptt.tasks import make_task
-
+def _model(cfg: CompareConfig):
+    """``(model, params, optimizer)``: the task, cell and loss of ``cfg`` (built like a runner config), the initial
+    parameters and the optimizer."""
     base = Config(task=cfg.task, model=cfg.model, optimizer=cfg.optimizer,
                   training=TrainingConfig(steps=cfg.training.steps), seed=cfg.seed)
-    task = make_task(cfg.task.name, dtype=cfg.model.dtype, **cfg.task.options)
-    cell = build_cell(base, task.output_size)
-    params = cell.init(jax.random.key(cfg.seed), task.input_size)
+    model = build_model(base)
+    params = model.cell.init(jax.random.key(cfg.seed), model.task.input_size)
     optimizer, _ = build_optimizer(base, params)
-    return task, cell, params, optimizer, losses.get_loss(task.loss)
+    return model, params, optimizer
+
+
+def _init(est, cell, params, batch: Batch, key):
+    """A fresh estimator state for ``batch`` (initial carry of its batch size; its inputs as the example)."""
+    carry = cell.initial_carry(params, (jax.tree.leaves(batch.inputs)[0].shape[0],))
+    return est.init(params, carry, key=key, inputs=batch.inputs)
 
 
 def _fresh_gradient(est, cell):
-    """Jitted ``(params, batch) -> grads`` of ``est`` from a fresh state (whole sequence, initial carry)."""
-
-    def grad(params, batch, key):
-        carry = cell.initial_carry(params, (jax.tree.leaves(batch.inputs)[0].shape[0],))
-        try:
-            state = est.init(params, carry, key)
-        except TypeError:
-            state = est.init(params, carry)
-        return est.update(params, state, batch)[1]
-
-    return jax.jit(grad)
+    """Jitted ``(params, batch, key) -> grads`` of ``est`` from a fresh state (whole sequence, initial carry)."""
+    return jax.jit(lambda params, batch, key: est.update(params, _init(est, cell, params, batch, key), batch)[1])
 
 
 def gradient_agreement(cfg: CompareConfig, task, params, fns) -> dict:
-    """Relative error and cosine to BPTT, and the pairwise cosine matrix, averaged over the agreement batches.
+    """Relative error and cosine to the reference, and the pairwise cosine matrix, averaged over the agreement
+    batches.
 
     ``fns``: per label, the jitted ``(params, batch, key) -> grads`` of :func:`_fresh_gradient`."""
-    labels = [s.label for s in cfg.estimators]
-    ref = next(s.label for s in cfg.estimators if s.name == "bptt")
+    labels, ref = [s.label for s in cfg.estimators], cfg.reference
     rel = {lab: [] for lab in labels}
     cos = {lab: [] for lab in labels}
     matrix = np.zeros((len(labels), len(labels)))
@@ -293,41 +297,35 @@ def _block(tree):
     return jax.block_until_ready(tree)
 
 
-def learning_curves(cfg: CompareConfig, task, cell, params0, loss_fn, optimizer, estimators, fns) -> dict:
+def learning_curves(cfg: CompareConfig, model, params0, optimizer, estimators, fns) -> dict:
     """Trains each estimator from the same parameters on the same batches; returns curves per label.
 
-    ``fns``: per label, the jitted fresh-state gradient (for the cosine to BPTT along training)."""
-    tc = cfg.training
-    data_key = jax.random.key(cfg.seed + 2)
+    ``fns``: per label, the jitted fresh-state gradient (for the cosine to the reference along training).
+    """
+    tc, task, cell = cfg.training, model.task, model.cell
+    data_key, init_key = jax.random.key(cfg.seed + 2), jax.random.key(cfg.seed + 6)
     val = task.sample(jax.random.key(cfg.seed + 3), tc.eval_batch_size, "val")
     align_batch = task.sample(jax.random.key(cfg.seed + 4), cfg.agreement.batch_size, "val")
-
-    @jax.jit
-    def evaluate(params):
-        _, ys = unroll(cell, params, val.inputs, seq_lengths=val.seq_lengths, resets=val.resets)
-        m = dict(task.metrics(ys, val))
-        m["loss"] = losses.sequence_loss(loss_fn, ys, val.targets, val.weights(ys.dtype))
-        return m
-
-    ref_grad = fns[next(s.label for s in cfg.estimators if s.name == "bptt")]
+    eval_fn = make_eval_fn(model)
+    ref_grad = fns[cfg.reference]
     out = {}
     for spec in cfg.estimators:
-        est = estimators[spec.label]
-        online = spec.name not in OFFLINE and tc.online_chunk is not None
+        est, grad_fn = estimators[spec.label], fns[spec.label]
+        online = spec.stateful and tc.online_chunk is not None
         step = jax.jit(make_train_step(est, optimizer))
-        grad_fn = fns[spec.label]
+        init_est = jax.jit(lambda p, b, k, est=est: _init(est, cell, p, b, k))
 
         def segments(batch, online=online):
             return split_segment(batch, tc.online_chunk) if online else [batch]
 
-        init_est = jax.jit(lambda p, est=est: est.init(p, cell.initial_carry(p, (tc.batch_size,))))
-
-        def fresh_state(params, opt_state, step_count, init_est=init_est):
-            return TrainState(params, opt_state, init_est(params), step_count)
+        def fresh_state(params, opt_state, step_count, it, batch, init_est=init_est):
+            return TrainState(params, opt_state, init_est(params, batch, jax.random.fold_in(init_key, it)),
+                              step_count)
 
         # compile outside the timed loop
-        warm = fresh_state(params0, optimizer.init(params0), jnp.zeros((), jnp.int32))
-        for seg in segments(task.sample(data_key, tc.batch_size, "train")):
+        first = task.sample(data_key, tc.batch_size, "train")
+        warm = fresh_state(params0, optimizer.init(params0), jnp.zeros((), jnp.int32), 0, first)
+        for seg in segments(first):
             _block(step(warm, seg))
         params, opt_state, count = params0, optimizer.init(params0), jnp.zeros((), jnp.int32)
         curve = {"iteration": [], "updates": [], "wall_time": [], "loss": [], "metric": [],
@@ -335,7 +333,7 @@ def learning_curves(cfg: CompareConfig, task, cell, params0, loss_fn, optimizer,
         elapsed, updates = 0.0, 0
         for it in range(tc.steps + 1):
             if it % tc.eval_every == 0 or it == tc.steps:
-                m = jax.device_get(evaluate(params))
+                m = jax.device_get(eval_fn(params, val))
                 curve["iteration"].append(it)
                 curve["updates"].append(updates)
                 curve["wall_time"].append(elapsed)
@@ -350,7 +348,7 @@ def learning_curves(cfg: CompareConfig, task, cell, params0, loss_fn, optimizer,
             if it == tc.steps:
                 break
             batch = task.sample(jax.random.fold_in(data_key, it), tc.batch_size, "train")
-            state = fresh_state(params, opt_state, count)
+            state = fresh_state(params, opt_state, count, it, batch)
             t0 = time.perf_counter()
             for seg in segments(batch):
                 state, _ = step(state, seg)
@@ -387,7 +385,7 @@ def measure_point(cell, spec: EstimatorSpec, *, B: int, T: int, input_size: int,
     kx, ky = jax.random.split(jax.random.key(seed + 1))
     batch = Batch(jax.random.normal(kx, (B, T, input_size), dtype),
                   jax.random.normal(ky, (B, T, cell.output_size), dtype))
-    state = est.init(params, cell.initial_carry(params, (B,)))
+    state = est.init(params, cell.initial_carry(params, (B,)), key=jax.random.key(seed + 2), inputs=batch.inputs)
     t0 = time.perf_counter()
     compiled = jax.jit(est.update).lower(params, state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -442,27 +440,8 @@ def cost_scaling(cfg: CompareConfig, log=print) -> dict:
 # Report.
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str):
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write(path, buf.getvalue())
-    _pyplot().close(fig)
-    return path
-
-
 def plot_agreement(agreement: dict, out_dir: str) -> list[str]:
-    plt = _pyplot()
+    plt = pyplot()
     labels = agreement["labels"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     rel = [max(agreement["relative_error"][lab], 1e-17) for lab in labels]
@@ -474,7 +453,7 @@ def plot_agreement(agreement: dict, out_dir: str) -> list[str]:
     axes[1].set_title("cosine to BPTT")
     for ax in axes:
         ax.tick_params(axis="x", rotation=45)
-    paths = [_save(fig, os.path.join(out_dir, "agreement.png"))]
+    paths = [save_figure(fig, os.path.join(out_dir, "agreement.png"))]
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(labels), 0.8 + 0.6 * len(labels)))
     m = np.asarray(agreement["alignment_matrix"])
     im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
@@ -485,12 +464,12 @@ def plot_agreement(agreement: dict, out_dir: str) -> list[str]:
             ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="cosine")
     ax.set_title("gradient alignment")
-    paths.append(_save(fig, os.path.join(out_dir, "alignment_matrix.png")))
+    paths.append(save_figure(fig, os.path.join(out_dir, "alignment_matrix.png")))
     return paths
 
 
 def plot_training(training: dict, out_dir: str) -> list[str]:
-    plt = _pyplot()
+    plt = pyplot()
     curves = training["curves"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for lab, c in curves.items():
@@ -502,7 +481,7 @@ def plot_training(training: dict, out_dir: str) -> list[str]:
     for ax in axes:
         ax.set_ylabel("validation loss")
         ax.legend(fontsize=8)
-    paths = [_save(fig, os.path.join(out_dir, "learning_curves.png"))]
+    paths = [save_figure(fig, os.path.join(out_dir, "learning_curves.png"))]
     fig, ax = plt.subplots(figsize=(6, 4))
     for lab, c in curves.items():
         ax.plot(c["align_iteration"], c["align_cosine"], marker="o", label=lab)
@@ -510,12 +489,12 @@ def plot_training(training: dict, out_dir: str) -> list[str]:
     ax.set_ylabel("cosine to BPTT at the current parameters")
     ax.set_ylim(-1, 1.05)
     ax.legend(fontsize=8)
-    paths.append(_save(fig, os.path.join(out_dir, "alignment_training.png")))
+    paths.append(save_figure(fig, os.path.join(out_dir, "alignment_training.png")))
     return paths
 
 
 def plot_scaling(scaling: dict, out_dir: str) -> list[str]:
-    plt = _pyplot()
+    plt = pyplot()
     paths = []
     for name, res in scaling.items():
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -536,7 +515,7 @@ def plot_scaling(scaling: dict, out_dir: str) -> list[str]:
             ax.set_xlabel(res["vary"])
             ax.legend(fontsize=8)
         fig.suptitle(f"{res['cell']}: cost against {res['vary']} ({res['fixed']})")
-        paths.append(_save(fig, os.path.join(out_dir, f"scaling_{name}.png")))
+        paths.append(save_figure(fig, os.path.join(out_dir, f"scaling_{name}.png")))
     return paths
 
 
@@ -588,17 +567,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict:
-    return {"platform": platform.platform(), "python": sys.version.split()[0], "jax": jax.__version__,
-            "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count()}
-
-
 def run(cfg: CompareConfig, *, config_file: str = "<config>", out_dir: str | None = None,
         only=SECTIONS, log=print) -> dict:
-    """Runs the comparison and writes the report files; returns the report dict."""
+    """Runs the comparison and writes the report files; returns the report dict.
+
+    The agreement and training sections run with ``jax_enable_x64`` scoped to ``model.dtype``, the scaling section
+    to ``scaling.dtype`` (:func:`~jbptt.experiment.build.precision`); the process's setting is left alone.
+    """
     out_dir = out_dir or cfg.out_dir
-    if cfg.model.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
     report = {"config_file": config_file, "config": dataclasses.asdict(cfg), "machine": machine_info(), "plots": []}
     plots = report["plots"]
 
@@ -606,30 +582,32 @@ def run(cfg: CompareConfig, *, config_file: str = "<config>", out_dir: str | Non
         atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1, default=str))
         atomic_write(os.path.join(out_dir, "report.md"), markdown(report))
 
+    def section(name, measure, summary, plot):
+        t0 = time.perf_counter()
+        report[name] = measure()
+        log(f"{name} ({time.perf_counter() - t0:.1f} s)" + summary(report[name]))
+        plots.extend(plot(report[name], out_dir))
+        write()
+
     if "agreement" in only or "training" in only:
-        task, cell, params, optimizer, loss_fn = _experiment(cfg)
-        estimators = {s.label: make_estimator(s.name, cell, loss_fn, **_online_options(s)) for s in cfg.estimators}
-        fns = {label: _fresh_gradient(est, cell) for label, est in estimators.items()}
+        with precision(cfg.model.dtype):
+            model, params, optimizer = _model(cfg)
+            estimators = {s.label: make_estimator(s.name, model.cell, model.loss_fn, **s.options)
+                          for s in cfg.estimators}
+            fns = {label: _fresh_gradient(est, model.cell) for label, est in estimators.items()}
     if "agreement" in only:
-        t0 = time.perf_counter()
-        report["agreement"] = gradient_agreement(cfg, task, params, fns)
-        log(f"agreement ({time.perf_counter() - t0:.1f} s): " + ", ".join(
-            f"{k} {v:.2g}" for k, v in report["agreement"]["relative_error"].items()))
-        plots += plot_agreement(report["agreement"], out_dir)
-        write()
+        with precision(cfg.model.dtype):
+            section("agreement", lambda: gradient_agreement(cfg, model.task, params, fns),
+                    lambda r: ": " + ", ".join(f"{k} {v:.2g}" for k, v in r["relative_error"].items()),
+                    plot_agreement)
     if "scaling" in only and cfg.scaling is not None and cfg.scaling.series:
-        t0 = time.perf_counter()
-        report["scaling"] = cost_scaling(cfg, log)
-        log(f"scaling ({time.perf_counter() - t0:.1f} s)")
-        plots += plot_scaling(report["scaling"], out_dir)
-        write()
+        with precision(cfg.scaling.dtype):
+            section("scaling", lambda: cost_scaling(cfg, log), lambda r: "", plot_scaling)
     if "training" in only:
-        t0 = time.perf_counter()
-        report["training"] = learning_curves(cfg, task, cell, params, loss_fn, optimizer, estimators, fns)
-        log(f"training ({time.perf_counter() - t0:.1f} s): " + ", ".join(
-            f"{k} {c['loss'][-1]:.3f}" for k, c in report["training"]["curves"].items()))
-        plots += plot_training(report["training"], out_dir)
-        write()
+        with precision(cfg.model.dtype):
+            section("training", lambda: learning_curves(cfg, model, params, optimizer, estimators, fns),
+                    lambda r: ": " + ", ".join(f"{k} {c['loss'][-1]:.3f}" for k, c in r["curves"].items()),
+                    plot_training)
     write()
     return report
 

@@ -18,13 +18,18 @@ overrides like ``optimizer.lr=3e-4`` (values parsed as YAML). :func:`to_dict` gi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pathlib
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from jbptt.cells import CELLS
+from jbptt.tasks import TASKS
 
 
 class ConfigError(ValueError):
@@ -45,8 +50,15 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
-    """The cell: ``layers`` copies of ``CELLS[cell](hidden, dtype=dtype, **options)``, stacked, plus a
-    readout. ``dtype: float64`` switches on ``jax_enable_x64`` for the whole process."""
+    """The cell: ``layers`` copies of ``CELLS[cell](hidden, dtype=dtype, **options)``, stacked, plus a readout.
+
+    ``fused``: ``auto`` (default) builds each layer with :func:`jbptt.fused.cell`, the same cell with its fused
+    whole-sequence fast path where one exists (Elman, LSTM, GRU); ``none`` (or ``false``) builds the plain
+    :data:`jbptt.cells.CELLS` cell. Both compute the same function.
+
+    ``dtype: float64`` runs the whole run with ``jax_enable_x64`` on, scoped to the run (``jax.enable_x64``, see
+    :func:`jbptt.experiment.build.precision`); nothing is switched for the rest of the process.
+    """
 
     cell: str = "lstm"
     hidden: int = 64
@@ -55,12 +67,15 @@ class ModelConfig:
     dropout: float = 0.0
     residual: bool = False
     learned_initial_carry: bool = False
+    fused: bool | str = "auto"
     dtype: str = "float32"
 
 
 @dataclass
 class EstimatorConfig:
-    """A registered gradient estimator (``bptt``, ``tbptt``, ...) or ``esn`` (closed-form ridge readout)."""
+    """A registered gradient estimator (``bptt``, ``tbptt``, ...; ``options`` go to
+    :func:`~jbptt.estimator.make_estimator`) or a closed-form fitter of :data:`jbptt.experiment.runner.FITTERS`
+    (``esn``: ridge regression of the readout)."""
 
     name: str = "bptt"
     options: dict = field(default_factory=dict)
@@ -187,7 +202,7 @@ def _coerce(value, tp, path: str, source: str):
                 continue
         raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}", source)
     if dataclasses.is_dataclass(tp):
-        return _parse_section(tp, value, path, source)
+        return parse_section(tp, value, path, source)
     ok = {
         type(None): value is None,
         bool: isinstance(value, bool),
@@ -206,7 +221,8 @@ def _coerce(value, tp, path: str, source: str):
     return float(value) if tp is float else value
 
 
-def _parse_section(cls, raw, path: str, source: str):
+def parse_section(cls, raw, path: str, source: str):
+    """Parses the mapping ``raw`` into the config dataclass ``cls`` (``path``: its dotted key, for errors)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -251,8 +267,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict, overrides, source: str = "<command line>") -> dict:
     """Returns a copy of the raw config dict with ``key.path=value`` overrides applied (nested dicts
     created)."""
-    import copy
-
     raw = copy.deepcopy(raw)
     for text in overrides:
         parts, value = parse_override(text)
@@ -272,7 +286,7 @@ def apply_overrides(raw: dict, overrides, source: str = "<command line>") -> dic
 
 def parse_config(raw, source: str = "<config>") -> Config:
     """A :class:`Config` from a raw dict (as read from YAML), type-checked and validated."""
-    cfg = _parse_section(Config, raw, "", source)
+    cfg = parse_section(Config, raw, "", source)
     validate(cfg, source)
     return cfg
 
@@ -294,8 +308,6 @@ def load_config(path: str, overrides=(), *, source: str | None = None) -> Config
     raw = apply_overrides(raw, overrides, source)
     cfg = parse_config(raw, source)
     if cfg.logging.name is None:
-        import pathlib
-
         cfg.logging.name = pathlib.Path(path).stem
     return cfg
 
@@ -321,9 +333,6 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if not ok:
             raise ConfigError(path, problem, source)
 
-    from jbptt.cells import CELLS
-    from jbptt.tasks import TASKS
-
     need(cfg.task.name in TASKS, "task.name", f"unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
     need(
         cfg.model.cell in CELLS, "model.cell", f"unknown cell {cfg.model.cell!r}; choose from {sorted(CELLS)}"
@@ -331,6 +340,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(cfg.model.hidden >= 1, "model.hidden", f"must be >= 1, got {cfg.model.hidden}")
     need(cfg.model.layers >= 1, "model.layers", f"must be >= 1, got {cfg.model.layers}")
     need(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
+    need(
+        cfg.model.fused in ("auto", "none", True, False),
+        "model.fused",
+        f"must be auto, none or false, got {cfg.model.fused!r}",
+    )
     need(
         cfg.model.dtype in ("float32", "float64"),
         "model.dtype",

@@ -3,13 +3,16 @@ profiles."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
 from jbptt.checkpoint import atomic_write
+from jbptt.experiment.rundir import read_metrics
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,17 +21,16 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> None:
-    import io
-
+def save_figure(fig, path: str) -> str:
+    """Writes ``fig`` as a PNG to ``path`` (atomically) and closes it. Returns ``path``."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write(path, buf.getvalue())
+    pyplot().close(fig)
+    return path
 
 
 def _load(run_dir: str):
-    from jbptt.experiment.runner import read_metrics
-
     records = read_metrics(run_dir)
     summary = {}
     path = os.path.join(run_dir, "summary.json")
@@ -49,7 +51,7 @@ def _headline(records, summary) -> str | None:
 def plot_runs(run_dirs, out: str, *, metric: str | None = None, labels=None) -> str:
     """Overlays the training loss and the validation ``metric`` (default: each run's headline metric) of
     several runs in one PNG at ``out``. Returns ``out``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     for i, run_dir in enumerate(run_dirs):
         records, summary = _load(run_dir)
@@ -68,9 +70,7 @@ def plot_runs(run_dirs, out: str, *, metric: str | None = None, labels=None) -> 
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    _save(fig, out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_gradient_flow(run_dir: str, out: str) -> str | None:
@@ -81,7 +81,7 @@ def plot_gradient_flow(run_dir: str, out: str) -> str | None:
         return None
     with open(path) as f:
         flows = json.load(f)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("start", "end"):
         if key in flows:
@@ -97,9 +97,7 @@ def plot_gradient_flow(run_dir: str, out: str) -> str | None:
     )
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_run(run_dir: str) -> list[str]:

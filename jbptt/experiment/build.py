@@ -1,0 +1,231 @@
+"""From a :class:`~jbptt.experiment.config.Config` to the pieces of a run: task, cell, loss, estimator, optimizer.
+
+Every builder turns a bad value into one :class:`~jbptt.experiment.config.ConfigError` naming the key, so building
+an experiment validates its config before anything is written. :func:`build_model` gives what evaluation and the
+closed-form fitters need (task, cell, loss); :func:`build` adds the gradient estimator (with its remat scan) and the
+optimizer for the training loop.
+
+Precision. ``model.dtype: float64`` needs JAX's ``jax_enable_x64``, which JAX keeps per thread:
+:func:`precision` is the scoped switch (``jax.enable_x64``) that :func:`~jbptt.experiment.runner.train`, the ESN fit
+and :func:`~jbptt.experiment.compare.run` put around a whole run, since they hand back only host data. Builders
+that return JAX functions or arrays for a float64 config (:func:`build`, :func:`build_model`) cannot scope it for
+their caller, so they raise a :class:`ConfigError` when x64 is off (use them inside ``with precision("float64"):``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jbptt import cells, fused, losses, remat
+from jbptt.cells import Cell, learned_initial_carry, stack, trainable_mask, with_readout
+from jbptt.estimator import GradientEstimator, make_estimator
+from jbptt.experiment.config import Config, ConfigError
+from jbptt.tasks import Task, make_task
+
+
+class Model(NamedTuple):
+    """What evaluating a model of ``config`` needs: the task, the cell (core + readout) and the loss."""
+
+    config: Config
+    task: Task
+    cell: Cell
+    loss_fn: Callable
+
+
+class Experiment(NamedTuple):
+    """A :class:`Model` plus what training it by gradients needs (building it validates the config)."""
+
+    config: Config
+    task: Task
+    cell: Cell
+    loss_fn: Callable
+    estimator: GradientEstimator
+    optimizer: optax.GradientTransformation
+    schedule: Callable[[int], Any]
+
+
+class RunKeys(NamedTuple):
+    """The PRNG keys of a run, all derived from ``config.seed`` (``fold_in(key(seed), i)`` in field order)."""
+
+    init: jax.Array  # parameters
+    data: jax.Array  # training batches: batch of step s = task.sample(fold_in(data, s))
+    dropout: jax.Array
+    eval: jax.Array  # validation batches; fold_in(eval, 1) for the test batches
+    flow: jax.Array  # the gradient-flow batch
+    estimator: jax.Array  # the estimator state's randomness (est.init(..., key=))
+
+
+def run_keys(seed: int) -> RunKeys:
+    """The :class:`RunKeys` of a run with this seed."""
+    root = jax.random.key(seed)
+    return RunKeys(*(jax.random.fold_in(root, i) for i in range(len(RunKeys._fields))))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Precision.
+
+
+def precision(dtype: str):
+    """A context manager running its body with ``jax_enable_x64`` on for ``"float64"`` and off otherwise.
+
+    Scoped (thread-local) and restored on exit; sound around code that hands back only host data. Arrays created
+    inside stay float64 but are truncated if used after the block with x64 off.
+    """
+    return jax.enable_x64(dtype == "float64")
+
+
+def float_dtype(cfg: Config, source: str = "<config>"):
+    """``jnp.float64`` or ``jnp.float32`` for ``cfg.model.dtype``.
+
+    Raises:
+      ConfigError: ``model.dtype`` is float64 but ``jax_enable_x64`` is off here (see the module docstring).
+    """
+    if cfg.model.dtype != "float64":
+        return jnp.float32
+    if not jax.config.jax_enable_x64:
+        raise ConfigError("model.dtype", "float64 needs jax_enable_x64: run inside "
+                          "`with jbptt.experiment.build.precision('float64'):` (or enable x64 for the process)",
+                          source)
+    return jnp.float64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Task, cell, loss.
+
+
+def build_task(cfg: Config, source: str = "<config>") -> Task:
+    """The task of ``cfg.task``, generating data in ``cfg.model.dtype``."""
+    float_dtype(cfg, source)
+    try:
+        return make_task(cfg.task.name, dtype=cfg.model.dtype, **cfg.task.options)
+    except (TypeError, ValueError, ImportError) as e:
+        raise ConfigError("task.options", f"task {cfg.task.name!r}: {e}", source) from None
+
+
+def build_cell(cfg: Config, output_size: int, source: str = "<config>") -> Cell:
+    """The model of ``cfg.model``: ``layers`` cells (stacked), a linear readout to ``output_size``, optionally a
+    learned initial carry. ``model.fused: auto`` builds each layer with :func:`jbptt.fused.cell` (fused where a
+    fused layer exists), ``none``/``false`` with the plain :data:`jbptt.cells.CELLS`."""
+    m = cfg.model
+    make = fused.cell if m.fused in ("auto", True) else lambda name, hidden, **kw: cells.CELLS[name](hidden, **kw)
+    dtype = float_dtype(cfg, source)
+    try:
+        layers = [make(m.cell, m.hidden, dtype=dtype, **m.options) for _ in range(m.layers)]
+    except (TypeError, ValueError) as e:
+        raise ConfigError("model.options", f"cell {m.cell!r}: {e}", source) from None
+    one = len(layers) == 1 and m.dropout == 0
+    core = layers[0] if one else stack(layers, residual=m.residual, dropout_rate=m.dropout)
+    cell = with_readout(core, output_size)
+    return learned_initial_carry(cell) if m.learned_initial_carry else cell
+
+
+def build_model(cfg: Config, source: str = "<config>") -> Model:
+    """Task, cell and loss of ``cfg``; every config problem raises :class:`ConfigError`."""
+    task = build_task(cfg, source)
+    return Model(cfg, task, build_cell(cfg, task.output_size, source), losses.get_loss(task.loss))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def build_schedule(cfg: Config, source: str = "<config>"):
+    """The optax learning-rate schedule of ``cfg.optimizer`` over ``cfg.training.steps``."""
+    o, steps = cfg.optimizer, cfg.training.steps
+    if o.schedule == "constant":
+        return optax.constant_schedule(o.lr)
+    if o.schedule == "cosine":
+        return optax.cosine_decay_schedule(o.lr, steps, alpha=o.end_lr_fraction)
+    if o.warmup_steps >= steps:
+        raise ConfigError("optimizer.warmup_steps", f"must be < training.steps ({steps}), got {o.warmup_steps}", source)
+    if o.schedule == "warmup":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)], [o.warmup_steps])
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, steps, end_value=o.lr * o.end_lr_fraction)
+
+
+def penalties(l1: float, l2: float) -> optax.GradientTransformation:
+    """Adds the gradient of ``l1 * |p|_1 + l2 / 2 * |p|^2`` to the updates (put it first in a chain)."""
+
+    def update(updates, state, params):
+        return jax.tree.map(lambda g, p: g + l2 * p + l1 * jnp.sign(p), updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+OPTIMIZERS = {"sgd": optax.sgd, "momentum": optax.sgd, "nesterov": optax.sgd, "adam": optax.adam,
+              "adamw": optax.adamw, "adagrad": optax.adagrad, "adadelta": optax.adadelta, "rmsprop": optax.rmsprop}
+"""The optax constructor of every ``optimizer.name``."""
+
+
+def build_optimizer(cfg: Config, params, source: str = "<config>"):
+    """``(optimizer, schedule)`` for ``cfg.optimizer``; parameters under a ``"fixed"`` key are never updated.
+
+    Args:
+      params: the parameters (arrays or ``jax.ShapeDtypeStruct``; only the structure is read).
+    """
+    o = cfg.optimizer
+    schedule = build_schedule(cfg, source)
+    kwargs = dict(o.options)
+    if o.name in ("momentum", "nesterov"):
+        kwargs.setdefault("momentum", o.momentum)
+        kwargs["nesterov"] = o.name == "nesterov"
+    if o.name == "adamw":
+        kwargs["weight_decay"] = o.weight_decay
+    try:
+        base = OPTIMIZERS[o.name](schedule, **kwargs)
+    except TypeError as e:
+        raise ConfigError("optimizer.options", f"optimizer {o.name!r}: {e}", source) from None
+    chain = []
+    if o.l1 or o.l2:
+        chain.append(penalties(o.l1, o.l2))
+    if o.weight_decay and o.name != "adamw":
+        chain.append(optax.add_decayed_weights(o.weight_decay))
+    if o.clip_value is not None:
+        chain.append(optax.clip(o.clip_value))
+    if o.clip_norm is not None:
+        chain.append(optax.clip_by_global_norm(o.clip_norm))
+    opt = optax.chain(*chain, base)
+    mask = trainable_mask(params)
+    if not all(jax.tree.leaves(mask)):
+        labels = jax.tree.map(lambda t: "train" if t else "fixed", mask)
+        opt = optax.multi_transform({"train": opt, "fixed": optax.set_to_zero()}, labels)
+    if cfg.training.on_nan == "skip":
+        opt = optax.apply_if_finite(opt, max_consecutive_errors=2**30)
+    return opt, schedule
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Estimator.
+
+
+def build_estimator(cfg: Config, cell: Cell, loss_fn, source: str = "<config>") -> GradientEstimator:
+    """The registered gradient estimator of ``cfg.estimator``, with the remat scan of ``cfg.remat`` if any."""
+    e = cfg.estimator
+    options = dict(e.options)
+    if cfg.remat.policy != "none":
+        try:
+            options["scan"] = remat.scan_from_config({"policy": cfg.remat.policy, **cfg.remat.options})
+        except (TypeError, ValueError) as err:
+            raise ConfigError("remat", str(err), source) from None
+    try:
+        return make_estimator(e.name, cell, loss_fn, **options)
+    except TypeError as err:
+        raise ConfigError("estimator.options", f"estimator {e.name!r}: {err}", source) from None
+    except ValueError as err:
+        path = "estimator.name" if "unknown estimator" in str(err) else "estimator.options"
+        raise ConfigError(path, str(err), source) from None
+
+
+def build(cfg: Config, source: str = "<config>") -> Experiment:
+    """Builds task, cell, loss, estimator and optimizer; every config problem raises :class:`ConfigError`."""
+    model = build_model(cfg, source)
+    estimator = build_estimator(cfg, model.cell, model.loss_fn, source)
+    params = model.cell.init(jax.random.key(0), model.task.input_size)  # concrete: some inits use numpy
+    optimizer, schedule = build_optimizer(cfg, params, source)
+    return Experiment(*model, estimator, optimizer, schedule)

@@ -1,0 +1,49 @@
+"""Evaluating a model: the task's metrics and the loss on fixed batches, and the gradient-flow profile.
+
+``model`` below is anything with ``task``, ``cell`` and ``loss_fn`` (a :class:`~jbptt.experiment.build.Model` or
+:class:`~jbptt.experiment.build.Experiment`). The runner, the ESN fit and the comparison harness all evaluate
+through :func:`make_eval_fn`.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from jbptt import diagnostics, losses
+from jbptt.unroll import unroll
+
+
+def make_eval_fn(model):
+    """A jitted ``eval_fn(params, batch) -> dict`` of scalars: the task's metrics plus ``loss`` (the weighted mean
+    per-step loss), on one batch (``inputs [B, T, I]``)."""
+
+    @jax.jit
+    def eval_fn(params, b):
+        _, ys = unroll(model.cell, params, b.inputs, seq_lengths=b.seq_lengths, resets=b.resets)
+        m = dict(model.task.metrics(ys, b))
+        m.setdefault("loss", losses.sequence_loss(model.loss_fn, ys, b.targets, b.weights(ys.dtype)))
+        return m
+
+    return eval_fn
+
+
+def make_evaluator(model, split: str, batch_size: int, n_batches: int, key, eval_fn=None):
+    """``evaluate(params) -> dict`` of floats: :func:`make_eval_fn`'s metrics averaged over ``n_batches`` fixed
+    batches of ``split`` (sampled once, ``fold_in(key, i)``). Evaluators sharing ``eval_fn`` share its
+    compilation."""
+    eval_fn = eval_fn or make_eval_fn(model)
+    batches = [model.task.sample(jax.random.fold_in(key, i), batch_size, split) for i in range(n_batches)]
+
+    def evaluate(params):
+        ms = [jax.device_get(eval_fn(params, b)) for b in batches]
+        return {name: float(np.mean([m[name] for m in ms])) for name in sorted(ms[0])}
+
+    return evaluate
+
+
+def make_gradient_flow(model, key, batch_size: int):
+    """``flow(params) -> list`` of ``||dL/dh_t||`` for every step ``t`` on a fixed validation batch."""
+    b = model.task.sample(key, batch_size, "val")
+    norms = jax.jit(lambda p: diagnostics.state_gradient_norms(model.cell, model.loss_fn, p, b))
+    return lambda params: [float(x) for x in np.asarray(norms(params))]

@@ -1,0 +1,311 @@
+"""The training loop: a config in, a model trained by its gradient estimator and a run folder out.
+
+:func:`train_by_gradient` is what :func:`jbptt.experiment.runner.train` runs for every registered gradient
+estimator. It talks only to the protocols: ``estimator.init(params, carry, key=, inputs=)`` once (an example of the
+training inputs lets the estimator allocate all its state up front, so the state keeps one structure for
+checkpoints and the data-parallel layout), then :func:`jbptt.train.make_train_step` (or :mod:`jbptt.parallel`)
+every step.
+
+Reproducibility: the batch of step ``s`` is ``task.sample(fold_in(data_key, s))`` and every other random choice is
+derived from ``config.seed`` too (:func:`~jbptt.experiment.build.run_keys`), so a run is a pure function of its
+config, and a run killed at any point and resumed from its last checkpoint logs the same metrics bit for bit (apart
+from ``time``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jbptt import checkpoint as ckpt
+from jbptt import parallel
+from jbptt.experiment import plots, rundir
+from jbptt.experiment.build import Experiment, RunKeys, build, run_keys
+from jbptt.experiment.config import Config, ConfigError
+from jbptt.experiment.evaluate import make_eval_fn, make_evaluator, make_gradient_flow
+from jbptt.train import TrainState, init_train_state, make_train_step
+from jbptt.unroll import with_step_keys
+
+STATUS_EXIT_CODES = {"completed": 0, "early_stopped": 0, "halted_nan": 1}
+"""Exit code of ``jbptt run`` per final status (``interrupted``: 128 + the signal number)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Setting up: batches, the initial state, the step function (one device or data-parallel).
+
+
+class Start(NamedTuple):
+    """What a run starts from: the initial parameters and carry, and an example of the training inputs."""
+
+    params: Any
+    carry: Any  # the initial carry of the (global) batch, leaves [B, ...]
+    inputs: Any  # the inputs of step 0's batch, leaves [B, T, ...]
+
+
+def batch_fn(exp: Experiment, keys: RunKeys) -> Callable:
+    """``make_batch(step) -> Batch``: the training batch of ``step`` (a pure function of the seed and the step;
+    jittable), with per-step dropout keys attached to the inputs when the model has dropout."""
+    t, dropout = exp.config.training, exp.config.model.dropout > 0
+
+    def make_batch(step):
+        b = exp.task.sample(jax.random.fold_in(keys.data, step), t.batch_size, "train")
+        if dropout:
+            b = b._replace(inputs=with_step_keys(b.inputs, jax.random.fold_in(keys.dropout, step)))
+        return b
+
+    return make_batch
+
+
+def start(exp: Experiment, keys: RunKeys, make_batch) -> Start:
+    """The run's initial parameters (from ``keys.init``), carry and example inputs."""
+    params = exp.cell.init(keys.init, exp.task.input_size)
+    carry = exp.cell.initial_carry(params, (exp.config.training.batch_size,))
+    return Start(params, carry, make_batch(0).inputs)
+
+
+def initial_state(exp: Experiment, keys: RunKeys, s: Start) -> TrainState:
+    """The :class:`~jbptt.train.TrainState` at step 0 (host layout)."""
+    return init_train_state(exp.estimator, exp.optimizer, s.params, s.carry, key=keys.estimator, inputs=s.inputs)
+
+
+def bookkeeping(keys: RunKeys) -> dict:
+    """The loop's own state, checkpointed with the train state: best metric, patience count, logging sums."""
+    return {"data_key": jax.random.key_data(keys.data), "best": np.float64(np.nan), "best_step": np.int64(-1),
+            "bad_evals": np.int64(0), "log_sum": np.zeros(2, np.float64), "log_count": np.int64(0),
+            "skipped": np.int64(0), "elapsed": np.float64(0.0)}
+
+
+def checkpoint_template(exp: Experiment, keys: RunKeys, s: Start):
+    """The structure of ``last.msgpack``: ``(train state, bookkeeping, best params)`` at step 0."""
+    return initial_state(exp, keys, s), bookkeeping(keys), s.params
+
+
+class Loop(NamedTuple):
+    """``place(host_state) -> state``, ``step(state, i) -> (state, metrics)`` on batch ``make_batch(i)``,
+    ``gather(state) -> host_state`` (a collective in multi-process runs)."""
+
+    place: Callable
+    step: Callable
+    gather: Callable
+
+
+def make_loop(exp: Experiment, s: Start, make_batch, source: str = "<config>") -> Loop:
+    """The step function of ``cfg.parallel``: one jit call per step (sampling included) on one device, or
+    :func:`jbptt.parallel.data_parallel` (each process feeding its own rows of the batch)."""
+    p = exp.config.parallel
+    if p.mode == "none":
+        train_step = make_train_step(exp.estimator, exp.optimizer)
+        return Loop(lambda st: st, jax.jit(lambda st, i: train_step(st, make_batch(i))), lambda st: st)
+    try:
+        dp = parallel.data_parallel(exp.estimator, exp.optimizer, s.params, s.carry, mode=p.mode,
+                                    devices=p.devices, inputs=s.inputs)
+    except ValueError as e:
+        raise ConfigError("parallel", str(e), source) from None
+    rows = parallel.process_rows(exp.config.training.batch_size) if jax.process_count() > 1 else slice(None)
+    local_batch = jax.jit(lambda i: jax.tree.map(lambda a: a[rows], make_batch(i)))
+    return Loop(dp.place, lambda st, i: dp.step(st, local_batch(i)), dp.gather)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One session of a run (from the start or a checkpoint to the end, a halt or a signal).
+
+
+@dataclass
+class Session:
+    """The mutable side of a run: where it writes, what it has seen, the best parameters so far."""
+
+    exp: Experiment
+    loop: Loop
+    run_dir: str
+    main: bool  # process 0: the only one that writes files
+    book: dict
+    best_params: Any
+    evaluate: Callable
+    log: rundir.MetricsLog
+    t0: float
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.run_dir, *parts)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def save_last(self, state) -> None:
+        """Checkpoints ``(train state, bookkeeping, best params)`` to ``last.msgpack``."""
+        self.book["elapsed"] = np.float64(self.elapsed())
+        host = self.loop.gather(state)  # a collective: every process gathers, process 0 writes
+        if self.main:
+            ckpt.save(self.path("checkpoints", "last.msgpack"), (host, self.book, self.best_params))
+
+    def record(self, loss: float, gnorm: float) -> None:
+        """Adds a step's loss and gradient norm to the logging interval (or counts it skipped)."""
+        if math.isfinite(loss) and math.isfinite(gnorm):
+            self.book["log_sum"] = self.book["log_sum"] + np.array([loss, gnorm])
+            self.book["log_count"] = self.book["log_count"] + 1
+        else:
+            self.book["skipped"] = self.book["skipped"] + 1
+
+    def log_train(self, step: int) -> None:
+        """Writes the ``train`` line of the interval ending at ``step`` and starts a new interval."""
+        b = self.book
+        n = max(int(b["log_count"]), 1)
+        self.log({"step": step, "split": "train", "loss": float(b["log_sum"][0] / n),
+                  "grad_norm": float(b["log_sum"][1] / n), "lr": float(self.exp.schedule(step - 1)),
+                  "skipped": int(b["skipped"]), "time": round(self.elapsed(), 3)})
+        b["log_sum"], b["log_count"] = np.zeros(2, np.float64), np.int64(0)
+
+    def validate(self, state, step: int) -> bool:
+        """Evaluates, logs a ``val`` line, keeps the best parameters; True when patience has run out."""
+        t, b = self.exp.config.training, self.book
+        host = self.loop.gather(state)
+        vm = self.evaluate(host.params)
+        self.log({"step": step, "split": "val", **vm, "time": round(self.elapsed(), 3)})
+        value, best = vm[self.exp.task.metric], float(b["best"])
+        higher = self.exp.task.higher_is_better
+        if math.isnan(best) or (value > best + t.min_delta if higher else value < best - t.min_delta):
+            b["best"], b["best_step"], b["bad_evals"] = np.float64(value), np.int64(step), np.int64(0)
+            self.best_params = host.params
+            if self.main:
+                ckpt.save(self.path("checkpoints", "best.msgpack"), host.params)
+            return False
+        b["bad_evals"] = b["bad_evals"] + 1
+        return t.patience is not None and int(b["bad_evals"]) >= t.patience
+
+
+class Outcome(NamedTuple):
+    """How :func:`run_steps` ended."""
+
+    status: str  # completed, early_stopped, halted_nan or interrupted
+    message: str | None
+    step: int  # the number of steps taken (the step of the returned state)
+    state: Any
+    loss: float  # the last step's loss
+    signal: int | None = None
+
+
+def run_steps(sess: Session, state, step: int, progress: rundir.Progress) -> Outcome:
+    """Trains from ``step`` to ``training.steps``: logs, validates, checkpoints; stops early on patience, a
+    non-finite loss (``on_nan: halt``) or SIGINT/SIGTERM (after a checkpoint)."""
+    t, lg = sess.exp.config.training, sess.exp.config.logging
+    loss = float("nan")
+    with rundir.Signals() as signals:
+        while step < t.steps:
+            new_state, m = sess.loop.step(state, jnp.asarray(step, jnp.int32))
+            loss, gnorm = (float(x) for x in jax.device_get((m["loss"], m["grad_norm"])))
+            if not (math.isfinite(loss) and math.isfinite(gnorm)) and t.on_nan == "halt":
+                what = "loss" if not math.isfinite(loss) else "gradient"
+                return Outcome("halted_nan", f"non-finite {what} at step {step + 1} (loss {loss}, gradient norm "
+                               f"{gnorm}); run halted, the last checkpoint ({sess.path('checkpoints', 'last.msgpack')})"
+                               " is left as it was", step, state, loss)
+            state, step = new_state, step + 1
+            sess.record(loss, gnorm)
+            progress.update(step, loss)
+            last = step == t.steps
+            if step % lg.log_every == 0 or last:
+                sess.log_train(step)
+            stop = (step % t.eval_every == 0 or last) and sess.validate(state, step)
+            if step % t.checkpoint_every == 0 or last or stop:
+                sess.save_last(state)
+            if stop:
+                return Outcome("early_stopped", None, step, state, loss)
+            if signals.received is not None:
+                sess.save_last(state)
+                name = signal.Signals(signals.received).name
+                return Outcome("interrupted", f"{name} received: checkpoint saved at step {step}; continue with "
+                               f"`jbptt run --resume {sess.run_dir}`", step, state, loss, int(signals.received))
+    return Outcome("completed", None, step, state, loss)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole run.
+
+
+def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quiet: bool = True,
+                      source: str = "<config>") -> dict:
+    """Trains the model of ``cfg`` with its gradient estimator; see :func:`jbptt.experiment.runner.train`.
+
+    Needs ``jax_enable_x64`` on for a float64 config (``runner.train`` scopes it). Returns the summary.
+    """
+    main = jax.process_index() == 0  # only process 0 writes files in a multi-process run
+    exp = build(cfg, source)
+    t, lg = cfg.training, cfg.logging
+    keys = run_keys(cfg.seed)
+    make_batch = batch_fn(exp, keys)
+    s = start(exp, keys, make_batch)
+    loop = make_loop(exp, s, make_batch, source)
+    run_dir = rundir.open_run_dir(cfg, run_dir, resume=resume, write=main)
+
+    host_state, book, best_params = checkpoint_template(exp, keys, s)
+    if resume:
+        last = os.path.join(run_dir, "checkpoints", "last.msgpack")
+        host_state, book, best_params = ckpt.load(last, (host_state, book, best_params))
+        if not np.array_equal(book["data_key"], jax.random.key_data(keys.data)):
+            raise ckpt.CheckpointError(f"checkpoint {last} was written by a run with another seed")
+        if main:
+            rundir.truncate_metrics(run_dir, int(host_state.step))
+    first = int(host_state.step)
+
+    flow = make_gradient_flow(exp, keys.flow, lg.gradient_flow_batch) if lg.gradient_flow else None
+    flows = _start_flow(run_dir, flow, s.params, resume, main)
+    eval_fn = make_eval_fn(exp)
+    evaluate = make_evaluator(exp, "val", t.eval_batch_size, t.eval_batches, keys.eval, eval_fn)
+    sess = Session(exp, loop, run_dir, main, book, best_params, evaluate, rundir.MetricsLog(run_dir, main),
+                   time.monotonic() - float(book["elapsed"]))
+    progress = rundir.Progress(t.steps, first, quiet or not main)
+    session_t0 = time.monotonic()
+    try:
+        out = run_steps(sess, loop.place(host_state), first, progress)
+        progress.update(out.step, out.loss, force=True)
+    finally:
+        progress.close()
+        sess.log.close()
+
+    summary = rundir.summary_head(cfg, exp.task, run_dir, out.status, out.step, out.message)
+    if out.signal is not None:
+        summary["signal"] = out.signal
+    if out.status in ("completed", "early_stopped"):  # (after a halt the state may be the failed step's)
+        host = loop.gather(out.state)
+        test = make_evaluator(exp, "test", t.eval_batch_size, t.eval_batches, jax.random.fold_in(keys.eval, 1),
+                              eval_fn)
+        summary["final"] = {"val": evaluate(host.params), "test": test(host.params)}
+        if int(book["best_step"]) >= 0:
+            summary["best"] = {"step": int(book["best_step"]), "val": float(book["best"]),
+                               "test": test(sess.best_params)}
+        if flow is not None and main:
+            flows["end"] = {"step": out.step, "norms": flow(host.params)}
+            rundir.write_json(run_dir, "gradient_flow.json", flows)
+    train_recs = [r for r in (rundir.read_metrics(run_dir) if main else []) if r["split"] == "train"]
+    summary.update(train_loss=train_recs[-1]["loss"] if train_recs else None, skipped_steps=int(book["skipped"]),
+                   wall_time_s=round(sess.elapsed(), 2),
+                   steps_per_s=round((out.step - first) / max(time.monotonic() - session_t0, 1e-9), 2),
+                   machine=rundir.machine_info())
+    if main:
+        rundir.write_json(run_dir, "summary.json", summary)
+        if lg.plots and out.status != "halted_nan":
+            plots.plot_run(run_dir)
+    return summary
+
+
+def _start_flow(run_dir: str, flow, params, resume: bool, main: bool) -> dict:
+    """The gradient-flow profiles so far (``{"start": ...}``), writing the start profile if it is missing."""
+    path = os.path.join(run_dir, "gradient_flow.json")
+    if flow is None:
+        return {}
+    flows = {}
+    if resume and os.path.exists(path):
+        with open(path) as f:
+            flows = json.load(f)
+    if "start" not in flows and main:
+        flows["start"] = {"step": 0, "norms": flow(params)}
+        rundir.write_json(run_dir, "gradient_flow.json", flows)
+    return flows

@@ -1,0 +1,163 @@
+"""Run folders and what a run shows while it runs: files, ``metrics.jsonl``, machine info, progress bar, signals.
+
+A run folder holds ``config.yaml`` (the resolved config: enough to re-run), ``metrics.jsonl`` (one JSON object per
+line: ``split`` "train" lines with ``step``, ``loss`` and ``grad_norm`` averaged over the logging interval, ``lr``
+and ``time``; ``split`` "val" lines with the task's metrics), ``summary.json`` (status, final and best metrics, run
+time, machine), ``gradient_flow.json`` (``||dL/dh_t||`` against ``t`` at the start and the end),
+``checkpoints/last.msgpack`` (+ ``best.msgpack``) and PNG plots. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+
+import jax
+
+from jbptt import checkpoint as ckpt
+from jbptt.experiment.config import Config, ConfigError, dump_config
+
+
+def new_run_dir(cfg: Config) -> str:
+    """``<logging.root>/<logging.name>-<YYYYmmdd-HHMMSS>`` (with a numeric suffix if it exists)."""
+    base = os.path.join(cfg.logging.root, f"{cfg.logging.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, k = base, 1
+    while os.path.exists(path):
+        k += 1
+        path = f"{base}-{k}"
+    return path
+
+
+def open_run_dir(cfg: Config, run_dir: str | None, *, resume: bool = False, write: bool = True) -> str:
+    """The run folder of a run: ``run_dir`` (or a new one), created with ``config.yaml`` and an empty
+    ``metrics.jsonl``; with ``resume`` an existing run folder whose ``config.yaml`` is rewritten from ``cfg`` (which
+    may change the settings a resumed run may change). ``write=False`` (processes other than 0) writes nothing.
+
+    Raises:
+      CheckpointError: ``resume`` and ``run_dir`` holds no run.
+      ConfigError: not ``resume`` and ``run_dir`` already holds a run (it is never overwritten).
+    """
+    if resume:
+        if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise ckpt.CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
+        if write:
+            ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
+        return run_dir
+    run_dir = run_dir or new_run_dir(cfg)
+    if write:
+        if os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise ConfigError("--run-dir", f"{run_dir} already holds a run; continue it with --resume or choose "
+                              "another folder", "<command line>")
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
+        ckpt.atomic_write(os.path.join(run_dir, "metrics.jsonl"), "")
+    return run_dir
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The records of ``metrics.jsonl`` in a run folder."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(run_dir: str, last_step: int) -> None:
+    """Drops the records logged after ``last_step`` (written after the checkpoint a run resumes from)."""
+    keep = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
+    ckpt.atomic_write(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in keep))
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl`` (flushed line by line); ``write=False`` discards them."""
+
+    def __init__(self, run_dir: str, write: bool = True):
+        self.file = open(os.path.join(run_dir, "metrics.jsonl") if write else os.devnull, "a")
+
+    def __call__(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def write_json(run_dir: str, name: str, obj) -> None:
+    """Writes ``obj`` as ``<run_dir>/<name>`` (JSON, atomically)."""
+    ckpt.atomic_write(os.path.join(run_dir, name), json.dumps(obj, indent=2))
+
+
+def summary_head(cfg: Config, task, run_dir: str, status: str, steps: int, message: str | None = None) -> dict:
+    """The first fields of every ``summary.json``: the run, its status and the task's headline metric."""
+    return {"name": cfg.logging.name, "run_dir": run_dir, "status": status, "message": message, "steps": steps,
+            "task": cfg.task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
+            "estimator": cfg.estimator.name, "cell": cfg.model.cell}
+
+
+def machine_info() -> dict:
+    """A short description of the machine (for summaries and results tables)."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+    }
+
+
+class Progress:
+    """A one-line progress bar on stderr: step, loss, steps/s and ETA (``quiet`` turns it off)."""
+
+    def __init__(self, total: int, start: int, quiet: bool):
+        self.total, self.start, self.quiet = total, start, quiet
+        self.t0 = self.last = time.monotonic()
+        self.first = start + 1  # the rate is measured from the first (compiled) step on
+
+    def update(self, step: int, loss: float, force: bool = False):
+        now = time.monotonic()
+        if step == self.first:
+            self.t0, self.start = now, step
+        if self.quiet or (not force and now - self.last < 0.25):
+            return
+        self.last = now
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        eta_s = "?" if not math.isfinite(eta) else f"{int(eta) // 60}:{int(eta) % 60:02d}"
+        sys.stderr.write(f"\rstep {step}/{self.total}  loss {loss:.4g}  {rate:.1f} steps/s  ETA {eta_s}   ")
+        sys.stderr.flush()
+
+    def close(self):
+        if not self.quiet:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class Signals:
+    """Turns SIGINT/SIGTERM into a flag (``received``) a loop checks after every step (main thread only)."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
