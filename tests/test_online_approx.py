@@ -1,4 +1,10 @@
-"""Approximate online estimators against exact RTRL and BPTT: SnAp-1/2, UORO, e-prop, RFLO (float64, random)."""
+"""Approximate online estimators against exact RTRL and BPTT: SnAp-1/2, UORO, KF-RTRL, e-prop, RFLO (float64, random).
+
+Several estimators of one problem are compiled as one program, with the XLA CPU backend's cheapest code generation
+(``FAST_COMPILE``: the same program, less optimised machine code), since compilation dominates these tests.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,16 +13,44 @@ import pytest
 
 import jbptt
 from jbptt import cells, losses
-from jbptt.diagnostics import relative_error
-from jbptt.estimators.rtrl import rtrl
-from tests.test_rtrl import TOL, gradient, random_problem, reference
+from jbptt.estimators.bptt import reference_gradient
+from jbptt.testing import random_problem
+
+TOL = 1e-10
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                "xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
+jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+
+
+def relative_error(estimate, reference):
+    """``||estimate - reference|| / ||reference||`` over whole pytrees, on the host (no eager ops to compile)."""
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree.leaves(tree)])
+    return np.linalg.norm(flat(estimate) - flat(reference)) / np.linalg.norm(flat(reference))
 
 ELMAN = cells.with_readout(cells.elman(5), 2)
 LSTM = cells.with_readout(cells.lstm(3), 2)
 
 
-def estimate(name, cell, params, batch, **options):
-    return gradient(jbptt.make_estimator(name, cell, losses.mse, **options), cell, params, batch)[1]
+def problem(cell, key=None, **options):
+    """``(params, batch)`` of :func:`jbptt.testing.random_problem` for ``cell`` as it is (no readout added)."""
+    key = jax.random.key(0) if key is None else key
+    options = {"B": 2, "T": 8, "input_size": 3, **options}
+    _, params, batch = random_problem(cell, key, output_size=cell.output_size, **options)
+    return params, batch
+
+
+def gradients(cell, params, batch, *specs):
+    """Gradients of several estimators ``(name, options)`` (``"bptt_reference"``: the plain reference) from fresh
+    states on one problem, compiled as one program (``init`` included: its eager checks are tested on their own)."""
+    ests = [None if name == "bptt_reference" else jbptt.make_estimator(name, cell, losses.mse, **options)
+            for name, options in specs]
+
+    def run(p, b):
+        c = cell.initial_carry(p, (b.inputs.shape[0],))
+        return [reference_gradient(cell, losses.mse, p, b)[1] if est is None else
+                est.update(p, est.init(p, c, inputs=b.inputs), b)[1] for est in ests]
+
+    return jit(run)(params, batch)
 
 
 def test_registered_names():
@@ -33,25 +67,25 @@ DIAGONAL = [
 
 @pytest.mark.parametrize("name,cell", DIAGONAL, ids=[c[0] for c in DIAGONAL])
 def test_snap1_equals_rtrl_on_diagonal_cells(name, cell, key):
-    params, batch = random_problem(cell, key, resets=True)
-    g_rtrl = gradient(rtrl(cell, losses.mse), cell, params, batch)[1]
-    assert float(relative_error(estimate("snap1", cell, params, batch), g_rtrl)) <= TOL
+    params, batch = problem(cell, key, resets=True)
+    g_rtrl, g_snap1 = gradients(cell, params, batch, ("rtrl", {}), ("snap1", {}))
+    assert float(relative_error(g_snap1, g_rtrl)) <= TOL
 
 
 def test_snap2_equals_rtrl_on_dense_elman_and_snap1_does_not(key):
-    params, batch = random_problem(ELMAN, key, lengths=True)
-    g_rtrl = gradient(rtrl(ELMAN, losses.mse), ELMAN, params, batch)[1]
-    assert float(relative_error(estimate("snap2", ELMAN, params, batch), g_rtrl)) <= TOL
-    assert float(relative_error(estimate("snap1", ELMAN, params, batch), g_rtrl)) > 1e-3
+    params, batch = problem(ELMAN, key, lengths=True)
+    g_rtrl, g_snap2, g_snap1 = gradients(ELMAN, params, batch, ("rtrl", {}), ("snap2", {}), ("snap1", {}))
+    assert float(relative_error(g_snap2, g_rtrl)) <= TOL
+    assert float(relative_error(g_snap1, g_rtrl)) > 1e-3
 
 
 @pytest.mark.slow
 def test_snap_n1_masked_equals_snap1_compressed_on_indrnn(key):
     """The masked dense SnAp-1 and the compressed SnAp-1 are the same algorithm (element-wise cell: both exact)."""
     cell = DIAGONAL[0][1]
-    params, batch = random_problem(cell, key)
-    g1 = estimate("snap1", cell, params, batch)
-    assert float(relative_error(estimate("snap", cell, params, batch, n=1), g1)) <= TOL
+    params, batch = problem(cell, key)
+    g1, g_n1 = gradients(cell, params, batch, ("snap1", {}), ("snap", {"n": 1}))
+    assert float(relative_error(g_n1, g1)) <= TOL
 
 
 @pytest.mark.parametrize("name,cell", [
@@ -59,87 +93,100 @@ def test_snap_n1_masked_equals_snap1_compressed_on_indrnn(key):
     ("kfrtrl", cells.with_readout(cells.elman(3), 2)),
 ], ids=["uoro", "kfrtrl"])
 def test_stochastic_estimators_are_unbiased(name, cell, key):
-    """The mean of K independent estimates converges to BPTT: ||mean - g||^2 is compared with its expected
-    value tr(Cov)/K estimated from the sample variance (E[ratio] = 1; a biased estimator fails because its bias
-    does not shrink with K: scaling UORO's rank-one trace by 0.9 gives a ratio of ~11 here)."""
-    params, batch = random_problem(cell, key, B=1, T=6, I=2)
-    g_ref = jnp.concatenate([a.ravel() for a in jax.tree.leaves(reference(cell, losses.mse, params, batch)[1])])
+    """The mean of K independent estimates (one ``init`` key each) converges to BPTT: ||mean - g||^2 is compared
+    with its expected value tr(Cov)/K estimated from the sample variance (E[ratio] = 1; a biased estimator fails
+    because its bias does not shrink with K: scaling UORO's rank-one trace by 0.9 gives a ratio of ~11 here)."""
+    params, batch = problem(cell, key, B=1, T=6, input_size=2)
     est = jbptt.make_estimator(name, cell, losses.mse)
     carry = cell.initial_carry(params, (1,))
-    est.update(params, est.init(params, carry), batch)  # eager once: runs the estimator's own checks
+    est.init(params, carry, inputs=batch.inputs)  # eager once: runs the estimator's own checks
+    flat = lambda g: jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
 
-    @jax.jit
+    @jit
     def many(keys):
-        one = lambda k: est.update(params, est.init(params, carry, k), batch)[1]
-        flat = lambda g: jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
-        return jax.vmap(lambda k: flat(one(k)))(keys)
+        one = lambda k: flat(est.update(params, est.init(params, carry, key=k, inputs=batch.inputs), batch)[1])
+        return jax.vmap(one)(keys), flat(reference_gradient(cell, losses.mse, params, batch)[1])
 
     K = 4000
-    samples = many(jax.random.split(key, K))
+    samples, g_ref = map(np.asarray, many(jax.random.split(key, K)))
     mean = samples.mean(0)
-    expected_sq = jnp.sum(samples.var(0, ddof=1)) / K
-    ratio = float(jnp.sum((mean - g_ref) ** 2) / expected_sq)
+    expected_sq = np.sum(samples.var(0, ddof=1)) / K
+    ratio = float(np.sum((mean - g_ref) ** 2) / expected_sq)
     assert ratio < 3.0, ratio
-    assert float(jnp.linalg.norm(samples[0] - g_ref) / jnp.linalg.norm(g_ref)) > 0.05  # one estimate is noisy
+    assert float(np.linalg.norm(samples[0] - g_ref) / np.linalg.norm(g_ref)) > 0.05  # one estimate is noisy
 
 
-def test_kfrtrl_refuses_cells_that_do_not_factorise(key):
-    for cell, match in [(cells.lstm(3), "single-component"), (cells.indrnn(3), "factorises")]:
-        params, batch = random_problem(cell, key)
-        est = jbptt.make_estimator("kfrtrl", cell, losses.mse)
+def test_cell_checks_run_in_init(key):
+    """Estimators defined only for some cells refuse the others in ``init`` (eagerly, on the example inputs they
+    need): KF-RTRL needs a rank-one immediate influence and a fixed initial carry, e-prop a readout of ``h``."""
+    cases = [("kfrtrl", cells.lstm(3), "single-component"), ("kfrtrl", cells.indrnn(3), "factorises"),
+             ("kfrtrl", cells.learned_initial_carry(cells.elman(3)), "learned initial carry"),
+             ("eprop", cells.diagonal_linear(3, 2), "readout")]
+    for name, cell, match in cases:
+        params, batch = problem(cell, key, T=2)
+        est = jbptt.make_estimator(name, cell, losses.mse)
+        carry = cell.initial_carry(params, (2,))
         with pytest.raises(ValueError, match=match):
-            est.update(params, est.init(params, cell.initial_carry(params, (2,))), batch)
+            est.init(params, carry, inputs=batch.inputs)
+        with pytest.raises(ValueError, match="inputs="):
+            est.init(params, carry)
 
 
-@pytest.mark.parametrize("name,cell,options", [
-    ("eprop", ELMAN, {}),
-    ("eprop", LSTM, {}),
-    ("rflo", ELMAN, {"feedback": "symmetric"}),
-    pytest.param("rflo", ELMAN, {"feedback": "symmetric", "leak": 0.3}, marks=pytest.mark.slow),
+@functools.cache
+def local_rule_problems(name):
+    """The T=1 and T=12 problems of ``ELMAN`` / ``LSTM`` and their references."""
+    cell = {"elman": ELMAN, "lstm": LSTM}[name]
+    params, batch = problem(cell, T=12)
+    one = batch._replace(inputs=batch.inputs[:, :1], targets=batch.targets[:, :1])
+    refs = jit(lambda p, b1, b: (reference_gradient(cell, losses.mse, p, b1)[1],
+                                 reference_gradient(cell, losses.mse, p, b)[1]))(params, one, batch)
+    return cell, params, one, batch, refs
+
+
+@pytest.mark.parametrize("name,cell_name,options", [
+    ("eprop", "elman", {}),
+    ("eprop", "lstm", {}),
+    ("rflo", "elman", {"feedback": "symmetric"}),
+    pytest.param("rflo", "elman", {"feedback": "symmetric", "leak": 0.3}, marks=pytest.mark.slow),
 ], ids=["eprop_elman", "eprop_lstm", "rflo_elman", "rflo_leaky"])
-def test_local_rules_equal_bptt_for_one_step_and_differ_over_many(name, cell, options, key):
-    params, batch = random_problem(cell, key, T=1)
-    g_ref = reference(cell, losses.mse, params, batch)[1]
-    assert float(relative_error(estimate(name, cell, params, batch, **options), g_ref)) <= TOL
-    params, batch = random_problem(cell, key, T=12)
-    g_ref = reference(cell, losses.mse, params, batch)[1]
-    assert float(relative_error(estimate(name, cell, params, batch, **options), g_ref)) > 1e-3
+def test_local_rules_equal_bptt_for_one_step_and_differ_over_many(name, cell_name, options):
+    cell, params, one, batch, (g_ref_one, g_ref) = local_rule_problems(cell_name)
+    (g_one,) = gradients(cell, params, one, (name, options))
+    assert float(relative_error(g_one, g_ref_one)) <= TOL
+    (g,) = gradients(cell, params, batch, (name, options))
+    assert float(relative_error(g, g_ref)) > 1e-3
 
 
-def test_rflo_random_feedback_only_changes_the_recurrent_part(key):
+def test_rflo_random_feedback_only_changes_the_recurrent_part():
     """With random feedback the readout gradient stays exact and the recurrent gradient changes."""
-    params, batch = random_problem(ELMAN, key, T=1)
-    g_ref = reference(ELMAN, losses.mse, params, batch)[1]
-    g = estimate("rflo", ELMAN, params, batch)
+    _, params, one, _, (g_ref, _) = local_rule_problems("elman")
+    (g,) = gradients(ELMAN, params, one, ("rflo", {}))
     assert float(relative_error(g["readout"], g_ref["readout"])) <= TOL
     assert float(relative_error(g["core"], g_ref["core"])) > 1e-2
 
 
-def test_eprop_keeps_the_lstm_cell_state_trace(key):
+def test_eprop_keeps_the_lstm_cell_state_trace():
     """e-prop on an LSTM carries the eligibility through c (the forget gate): with it the estimate is closer to
     BPTT than with no internal component (``internal=()``, the purely immediate rule)."""
-    params, batch = random_problem(LSTM, key, T=12)
-    g_ref = reference(LSTM, losses.mse, params, batch)[1]
-    err_c = float(relative_error(estimate("eprop", LSTM, params, batch), g_ref))
-    err_none = float(relative_error(estimate("eprop", LSTM, params, batch, internal=()), g_ref))
-    assert err_c < err_none
-
-
-def test_eprop_rejects_a_cell_whose_output_is_not_a_readout_of_h(key):
-    cell = cells.diagonal_linear(3, 2)
-    params, batch = random_problem(cell, key)
-    est = jbptt.make_estimator("eprop", cell, losses.mse)
-    with pytest.raises(ValueError, match="readout"):
-        est.update(params, est.init(params, cell.initial_carry(params, (2,))), batch)
+    _, params, _, batch, (_, g_ref) = local_rule_problems("lstm")
+    g_c, g_none = gradients(LSTM, params, batch, ("eprop", {}), ("eprop", {"internal": ()}))
+    assert float(relative_error(g_c, g_ref)) < float(relative_error(g_none, g_ref))
 
 
 def test_online_estimators_run_stateful_under_jit(key):
     """Every online estimator continues from its state across segments under jit, with finite gradients."""
-    params, batch = random_problem(ELMAN, key, T=8)
-    for name in ("snap1", "uoro", "rflo"):
-        est = jbptt.make_estimator(name, ELMAN, losses.mse, stateful=True)
-        state = est.init(params, ELMAN.initial_carry(params, (2,)))
-        upd = jax.jit(est.update)
-        _, g1, state = upd(params, state, batch)
-        _, g2, state = upd(params, state, batch)
-        assert np.all(np.isfinite(np.concatenate([np.ravel(a) for a in jax.tree.leaves((g1, g2))])))
+    params, batch = problem(ELMAN, key, T=8)
+    carry = ELMAN.initial_carry(params, (2,))
+    ests = [jbptt.make_estimator(name, ELMAN, losses.mse, stateful=True) for name in ("snap1", "uoro", "rflo")]
+    states = [est.init(params, carry, inputs=batch.inputs) for est in ests]
+
+    @jit
+    def twice(states):
+        out = []
+        for est, state in zip(ests, states, strict=True):
+            _, g1, state = est.update(params, state, batch)
+            _, g2, state = est.update(params, state, batch)
+            out.append((g1, g2))
+        return out
+
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(twice(states)))

@@ -1,4 +1,12 @@
-"""Exact RTRL against plain BPTT (float64, random inputs): every cell, stacks, both modes, the diagonal path."""
+"""Exact RTRL against plain BPTT (float64, random inputs): every cell, stacks, both modes, the diagonal path.
+
+Estimator and reference are compiled together, with the XLA CPU backend's cheapest code generation
+(``FAST_COMPILE``: the same program, less optimised machine code), since compilation dominates these tests.
+"""
+
+import functools
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,37 +17,39 @@ from flax import linen as nn
 
 import jbptt
 from jbptt import cells, losses
-from jbptt.diagnostics import relative_error
 from jbptt.estimators.bptt import reference_gradient
 from jbptt.estimators.online import split_segment
 from jbptt.estimators.rtrl import check_unit_structure, influence_bytes, rtrl
-from tests.helpers import init_f64
+from jbptt.testing import random_problem
 
 TOL = 1e-10
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                "xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
+jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
-def random_problem(cell, key, *, B=2, T=12, I=3, lengths=False, resets=False, mask=False):
-    """float64 params (perturbed so no parameter is exactly zero) and a random batch with optional extras."""
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())  # host RNG: nothing to compile
-    params = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape), init_f64(cell, key, I))
-    batch = jbptt.Batch(
-        jnp.asarray(rng.standard_normal((B, T, I))), jnp.asarray(rng.standard_normal((B, T, cell.output_size))),
-        mask=jnp.asarray(rng.random((B, T)) < 0.7, jnp.float64) if mask else None,
-        seq_lengths=jnp.asarray(rng.integers(T // 2, T + 1, (B,))) if lengths else None,
-        resets=jnp.asarray(rng.random((B, T)) < 0.2) if resets else None)
+def relative_error(estimate, reference):
+    """``||estimate - reference|| / ||reference||`` over whole pytrees, on the host (no eager ops to compile)."""
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree.leaves(tree)])
+    return np.linalg.norm(flat(estimate) - flat(reference)) / np.linalg.norm(flat(reference))
+
+
+def problem(cell, key, **options):
+    """``(params, batch)`` of :func:`jbptt.testing.random_problem` for ``cell`` as it is (no readout added)."""
+    options = {"B": 2, "T": 8, "input_size": 3, **options}
+    _, params, batch = random_problem(cell, key, output_size=cell.output_size, **options)
     return params, batch
 
 
-def gradient(est, cell, params, batch, carry=None):
-    """``est.update`` from a fresh state (jitted: one compilation instead of op-by-op dispatch)."""
-    B = batch.inputs.shape[0]
-    carry = cell.initial_carry(params, (B,)) if carry is None else carry
-    return jax.jit(est.update)(params, est.init(params, carry), batch)
+def against_reference(est, cell, loss_fn, params, batch):
+    """``((loss, grads) of est from a fresh state, (loss, grads) of the plain reference)``, compiled as one program
+    (``init`` included: its eager checks are tested on their own)."""
 
+    def both(p, b):
+        state = est.init(p, cell.initial_carry(p, (b.inputs.shape[0],)), inputs=b.inputs)
+        return est.update(p, state, b)[:2], reference_gradient(cell, loss_fn, p, b)
 
-def reference(cell, loss_fn, params, batch):
-    """Plain BPTT (jitted)."""
-    return jax.jit(lambda p, b: reference_gradient(cell, loss_fn, p, b))(params, batch)
+    return jit(both)(params, batch)
 
 
 CELLS = [
@@ -49,8 +59,7 @@ CELLS = [
     ("gru", cells.with_readout(cells.gru(4), 2), {}),
     ("lru_complex_diag", cells.diagonal_linear(4, 3), {"diagonal": True}),
     ("stack", cells.stack([cells.lstm(3), cells.diagonal_linear(3, 3), cells.indrnn(3)], residual=True), {}),
-    ("stack_jvp", cells.with_readout(cells.stack([cells.gru(3), cells.elman(2)]), 2),
-     {"mode": "jvp"}),
+    ("stack_jvp", cells.with_readout(cells.stack([cells.gru(3), cells.elman(2)]), 2), {"mode": "jvp"}),
     ("learned_carry_lstm", cells.with_readout(cells.learned_initial_carry(cells.lstm(3)), 2), {}),
     ("indrnn_diag_learned_carry", cells.with_readout(cells.learned_initial_carry(cells.indrnn(3, activation="tanh")),
                                                      2), {"diagonal": True}),
@@ -62,9 +71,9 @@ CELLS = [
 @pytest.mark.parametrize("name,cell,options", CELLS, ids=[c[0] for c in CELLS])
 def test_rtrl_equals_bptt(name, cell, options, key):
     """Exact RTRL == BPTT with variable lengths, episode resets and a loss mask, on random inputs."""
-    params, batch = random_problem(cell, key, lengths=True, resets=True, mask=True)
-    loss_ref, g_ref = reference(cell, losses.mse, params, batch)
-    loss, g, _ = gradient(rtrl(cell, losses.mse, **options), cell, params, batch)
+    params, batch = problem(cell, key, lengths=True, resets=True, mask=True)
+    (loss, g), (loss_ref, g_ref) = against_reference(rtrl(cell, losses.mse, **options), cell, losses.mse, params,
+                                                     batch)
     assert abs(float(loss - loss_ref)) <= TOL * abs(float(loss_ref))
     assert float(relative_error(g, g_ref)) <= TOL
 
@@ -72,10 +81,9 @@ def test_rtrl_equals_bptt(name, cell, options, key):
 def test_rtrl_dense_elman_n32_t50(key):
     """The issue's headline check: dense Elman n=32, T=50 (with a readout, cross-entropy over 3 classes)."""
     cell = cells.with_readout(cells.elman(32), 3)
-    params, batch = random_problem(cell, key, B=2, T=50, I=4)
-    batch = batch._replace(targets=jax.random.randint(jax.random.key(5), (2, 50), 0, 3))
-    _, g_ref = reference(cell, losses.cross_entropy, params, batch)
-    _, g, _ = gradient(rtrl(cell, losses.cross_entropy), cell, params, batch)
+    _, params, batch = random_problem(cell, key, B=2, T=50, input_size=4, output_size=3, loss=losses.cross_entropy)
+    (_, g), (_, g_ref) = against_reference(rtrl(cell, losses.cross_entropy), cell, losses.cross_entropy, params,
+                                           batch)
     assert float(relative_error(g, g_ref)) <= TOL
 
 
@@ -83,16 +91,15 @@ def test_rtrl_under_jit_and_online_chunks(key):
     """jit gives the same gradient; splitting the segment into online chunks (stateful carry + influence) and
     weighting each chunk's gradient by its share of the loss weights recovers the whole-sequence gradient."""
     cell = cells.with_readout(cells.gru(3), 2)
-    params, batch = random_problem(cell, key, T=10, mask=True, resets=True)
+    params, batch = problem(cell, key, T=9, mask=True, resets=True)
     est = rtrl(cell, losses.mse, stateful=True)
-    _, g_ref = reference(cell, losses.mse, params, batch)
-    state0 = est.init(params, cell.initial_carry(params, (2,)))
-    _, g_jit, _ = jax.jit(est.update)(params, state0, batch)
+    (_, g_jit), (_, g_ref) = against_reference(est, cell, losses.mse, params, batch)
     assert float(relative_error(g_jit, g_ref)) <= TOL
     total = jnp.sum(batch.weights(jnp.float64))
-    state, acc = state0, jax.tree.map(jnp.zeros_like, params)
+    state, acc = est.init(params, cell.initial_carry(params, (2,))), jax.tree.map(jnp.zeros_like, params)
+    update = jit(est.update)
     for chunk in split_segment(batch, 3):
-        _, g, state = est.update(params, state, chunk)
+        _, g, state = update(params, state, chunk)
         share = jnp.sum(chunk.weights(jnp.float64)) / total
         acc = jax.tree.map(lambda a, b, s=share: a + s * b, acc, g)
     assert float(relative_error(acc, g_ref)) <= TOL
@@ -101,57 +108,61 @@ def test_rtrl_under_jit_and_online_chunks(key):
 def test_rtrl_trains_online(key):
     """Online learning with an optimizer update every 4 steps through the ordinary train step."""
     cell = cells.with_readout(cells.elman(4), 1)
-    params, batch = random_problem(cell, key, B=4, T=40, I=2)
+    params, batch = problem(cell, key, B=4, T=40, input_size=2)
     batch = batch._replace(targets=jnp.roll(batch.inputs[..., :1], 1, axis=1))  # recall the previous input
     est = jbptt.make_estimator("rtrl", cell, losses.mse, stateful=True)
     opt = optax.adam(3e-2)
     state = jbptt.train.init_train_state(est, opt, params, cell.initial_carry(params, (4,)))
-    step = jax.jit(jbptt.train.make_train_step(est, opt))
+    step = jit(jbptt.train.make_train_step(est, opt))
     losses_seen = []
     for _ in range(5):
         for chunk in split_segment(batch, 4):
             state, metrics = step(state, chunk)
             losses_seen.append(float(metrics["loss"]))
-    assert all(jnp.isfinite(jnp.asarray(losses_seen)))
+    assert all(np.isfinite(losses_seen))
     assert sum(losses_seen[-10:]) < 0.7 * sum(losses_seen[:10])
 
 
 def test_influence_size_error_suggests_approximation():
     cell = cells.elman(16)
-    params = cell.init(jax.random.key(0), 8)
+    params = jax.eval_shape(lambda k: cell.init(k, 8), jax.random.key(0))  # the guard reads shapes only
+    carry = jax.ShapeDtypeStruct((4, 16), jnp.float32)
     nbytes = influence_bytes(cell, params, 4)
     assert nbytes == 4 * (16 * 16 + 8 * 16 + 16) * 16 * 4
     est = rtrl(cell, losses.mse, max_influence_bytes=nbytes - 1)
     with pytest.raises(ValueError, match=r"(?s)influence matrix.*bytes.*snap1"):
-        est.init(params, cell.initial_carry(params, (4,)))
-    rtrl(cell, losses.mse, max_influence_bytes=nbytes).init(params, cell.initial_carry(params, (4,)))
+        jax.eval_shape(lambda p, c: est.init(p, c), params, carry)
+    jax.eval_shape(lambda p, c: rtrl(cell, losses.mse, max_influence_bytes=nbytes).init(p, c), params, carry)
+    with pytest.raises(ValueError, match="mode must be"):
+        rtrl(cell, losses.mse, mode="forward")
 
 
 def test_diagonal_path_rejects_dense_cells(key):
+    """``rtrl(diagonal=True)`` checks the cell in ``init`` (eagerly, on an example input it needs)."""
     cell = cells.elman(4)
-    params, batch = random_problem(cell, key)
+    params, batch = problem(cell, key)
     with pytest.raises(ValueError, match="element-wise"):
         check_unit_structure(cell, params, batch.inputs[0, 0])
+    est = rtrl(cell, losses.mse, diagonal=True)
+    carry = cell.initial_carry(params, (2,))
     with pytest.raises(ValueError, match="element-wise"):
-        est = rtrl(cell, losses.mse, diagonal=True)
-        est.update(params, est.init(params, cell.initial_carry(params, (2,))), batch)
-    check_unit_structure(cells.indrnn(4), *random_problem(cells.indrnn(4), key)[:1], batch.inputs[0, 0])
+        est.init(params, carry, inputs=batch.inputs)
+    with pytest.raises(ValueError, match="inputs="):
+        est.init(params, carry)
+    check_unit_structure(cells.indrnn(4), problem(cells.indrnn(4), key)[0], batch.inputs[0, 0])
 
 
 def test_diagonal_influence_is_linear_in_n():
     """The compressed influence of an element-wise cell holds O(P) numbers, not O(P n)."""
     for n in (8, 64):
         cell = cells.indrnn(n)
-        params = cell.init(jax.random.key(0), 2)
+        params = jax.eval_shape(lambda k, c=cell: c.init(k, 2), jax.random.key(0))
         assert influence_bytes(cell, params, 1, diagonal=True) == (2 + 1 + 1) * n * 4
         assert influence_bytes(cell, params, 1) == (2 + 1 + 1) * n * n * 4
 
 
 def test_readme_online_example_runs():
     """The README's online-learning example runs as written."""
-    import pathlib
-    import re
-
     text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
     section = text.split("## Online learning: exact RTRL and its approximations", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)

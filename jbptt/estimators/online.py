@@ -280,8 +280,9 @@ class UnitRows(NamedTuple):
 
 
 def unit_rows(cell: Cell, params) -> UnitRows:
-    """Builds :class:`UnitRows` for ``cell`` at ``params`` (shapes only). Raises if the carry is not ``C x [N]``."""
-    carry = cell.initial_carry(params, ())
+    """Builds :class:`UnitRows` for ``cell`` at ``params`` (arrays or ``jax.ShapeDtypeStruct``: only shapes are
+    read). Raises if the carry is not ``C x [N]``."""
+    carry = jax.eval_shape(lambda p: cell.initial_carry(p, ()), params)
     shapes = {tuple(jnp.shape(c)) for c in jax.tree_util.tree_leaves(carry)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError("the compressed (unit-wise) influence needs a carry whose leaves all have the same shape "
