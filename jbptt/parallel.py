@@ -4,8 +4,9 @@ Both paths wrap :func:`jbptt.train.make_train_step`, so they serve every
 :class:`~jbptt.estimator.GradientEstimator` (BPTT, TBPTT, RTRL and its approximations)::
 
     carry = cell.initial_carry(params, (B,))       # the GLOBAL batch
-    dp = parallel.data_parallel(estimator, optimizer, params, carry, mode="sharded", devices="auto")
-    state = dp.init(params, carry)
+    dp = parallel.data_parallel(estimator, optimizer, params, carry, mode="sharded", devices="auto",
+                                inputs=example.inputs)     # an example global batch's inputs [B, T, ...]
+    state = dp.init(params, carry, key=key, inputs=example.inputs)
     for batch in batches:                  # this process's rows of each batch: [B / process_count, ...]
         state, metrics = dp.step(state, batch)     # metrics: replicated scalars ("loss", "grad_norm")
     host_state = dp.gather(state)          # a TrainState in single-device layout, e.g. to checkpoint
@@ -23,7 +24,8 @@ Modes:
 
 Estimator-state sharding rule. The estimator state (TBPTT's carried state, RTRL's influence matrix, ...) is
 split leaf by leaf. A leaf is *per-example* when its leading axis is the batch axis, found by evaluating
-``estimator.init`` abstractly (``jax.eval_shape``) at batch sizes ``B`` and ``B + 1``:
+``estimator.init`` abstractly (``jax.eval_shape``) at batch sizes ``B`` and ``B + 1`` (carry and example inputs
+resized alike):
   * leaves whose leading size follows the batch size are sharded with the batch; they stay on their device
     between steps, so a carried state continues where it stopped;
   * leaves whose shape does not depend on the batch size are replicated;

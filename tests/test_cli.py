@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from jbptt import cli
-from jbptt.experiment.build import build
+from jbptt import cells, cli
+from jbptt.experiment.build import build_model
 from jbptt.experiment.config import parse_config
 from jbptt.experiment.sampling import generate
+from jbptt.unroll import unroll
 from tests.runner_helpers import tiny_raw, write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,20 +85,15 @@ def test_sample_refuses_non_text_runs(quickstart, capsys):
 
 
 def test_generate_greedy_follows_the_argmax(key):
-    exp = build(
+    """Near-zero temperature: every sampled token is the arg-max of the logits after the sequence so far."""
+    model = build_model(
         parse_config({"task": {"name": "chars", "options": {"seq_len": 5}}, "model": {"cell": "elman", "hidden": 6}})
     )
-    params = exp.cell.init(key, exp.task.input_size)
-    ids = np.asarray(generate(exp.cell, params, np.array([3, 4]), 3, key, vocab_size=96, temperature=1e-6))
-    carry, ys = None, None
-    from jbptt.unroll import unroll
-
-    seq = [3, 4]
-    for _ in range(3):
-        _, ys = unroll(exp.cell, params, jax.nn.one_hot(np.array([seq]), 96, dtype=np.float32))
-        seq.append(int(np.argmax(ys[0, -1])))
-    assert ids.tolist() == seq[2:]
-    del carry
+    params = model.cell.init(key, model.task.input_size)
+    ids = np.asarray(generate(model.cell, params, np.array([3, 4]), 3, key, vocab_size=96, temperature=1e-6))
+    seq = [3, 4, *ids.tolist()]  # one unroll over it: the logits after every prefix
+    _, ys = unroll(cells.plain(model.cell), params, jax.nn.one_hot(np.array([seq[:-1]]), 96, dtype=np.float32))
+    assert np.argmax(np.asarray(ys[0, 1:]), -1).tolist() == ids.tolist()
 
 
 def test_bad_commands_exit_2(capsys):

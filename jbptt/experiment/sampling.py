@@ -1,12 +1,11 @@
-"""Text generation from a trained character-level model: warm up on a prompt, then sample with a
-temperature."""
+"""Text generation from a trained character-level model: warm up on a prompt, then sample with a temperature."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from jbptt.cells import Cell
+from jbptt.cells import Cell, params_dtype
 from jbptt.unroll import unroll
 
 
@@ -25,7 +24,7 @@ def generate(cell: Cell, params, prompt_ids, length: int, key, *, vocab_size: in
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    prompt = jax.nn.one_hot(jnp.asarray(prompt_ids)[None], vocab_size, dtype=_dtype(params))  # [1, P, V]
+    prompt = jax.nn.one_hot(jnp.asarray(prompt_ids)[None], vocab_size, dtype=params_dtype(params))  # [1, P, V]
     carry, ys = unroll(cell, params, prompt)
 
     def body(state, k):
@@ -36,7 +35,3 @@ def generate(cell: Cell, params, prompt_ids, length: int, key, *, vocab_size: in
 
     _, toks = jax.lax.scan(body, (carry, ys[:, -1]), jax.random.split(key, length))
     return toks.astype(jnp.int32)
-
-
-def _dtype(params):
-    return jnp.result_type(*jax.tree_util.tree_leaves(params))
