@@ -127,7 +127,7 @@ def check_unit_structure(cell: Cell, params, x, *, key=None, atol: float = 0.0):
     fs = flat_step(cell, params)
     key = jax.random.key(0) if key is None else key
     s = jax.random.normal(key, (fs.n,), fs.theta.dtype)
-    M, D = jax.jacfwd(lambda th, ss: fs.step(th, ss, x)[0], argnums=(0, 1))(fs.theta, s)
+    M, D = jax.jit(jax.jacfwd(lambda th, ss: fs.step(th, ss, x)[0], argnums=(0, 1)))(fs.theta, s)
     C, N = rows.C, rows.N
     unit = np.arange(C * N) % N
     off = np.abs(np.asarray(D))[unit[:, None] != unit[None, :]]
@@ -157,8 +157,11 @@ def check_readout(cell: Cell, params, readout, x):
     """Raises if ``readout(params, new_carry, x)`` differs from the step's output (one example ``x``)."""
     carry = cell.initial_carry(params, ())
     carry = jax.tree.map(lambda c: c + 0.5, carry)
-    new, y = cell.step(params, carry, x)
-    y_read = readout(params, new, x)
+    def outputs(p, c):
+        new, y = cell.step(p, c, x)
+        return y, readout(p, new, x)
+
+    y, y_read = jax.jit(outputs)(params, carry)
     if jnp.shape(y_read) != jnp.shape(y) or not jnp.allclose(y_read, y, rtol=1e-5, atol=1e-6):
         raise ValueError("e-prop / RFLO need the output to be a readout of the new carry's first component h "
                          "(Elman or LSTM, optionally with_readout); pass readout=... for other cells")

@@ -71,10 +71,11 @@ def check_rank_one(cell: Cell, params, x, *, key=None, rtol: float = 1e-6):
     if rows.C != 1:
         raise ValueError(f"kfrtrl needs a single-component carry (Elman); this cell has {rows.C} components")
     fs = flat_step(cell, params)
-    if np.any(np.asarray(jax.jacfwd(fs.carry0)(fs.theta)) != 0):
+    if np.any(np.asarray(jax.jit(jax.jacfwd(fs.carry0))(fs.theta)) != 0):
         raise ValueError("kfrtrl does not support a learned initial carry (its trace starts at J_0 = 0); use uoro")
     s = jax.random.normal(jax.random.key(0) if key is None else key, (fs.n,), fs.theta.dtype)
-    sv = np.linalg.svd(np.asarray(_immediate(fs, rows, fs.theta, s, x)), compute_uv=False)
+    sv = np.linalg.svd(np.asarray(jax.jit(lambda th, ss: _immediate(fs, rows, th, ss, x))(fs.theta, s)),
+                       compute_uv=False)
     if sv.size > 1 and sv[1] > rtol * sv[0]:
         raise ValueError("kfrtrl needs an immediate influence that factorises as a ⊗ psi (an Elman cell "
                          f"h' = f([x, h, 1] W)); second singular value {sv[1]:.3g} vs first {sv[0]:.3g}. "

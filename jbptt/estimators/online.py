@@ -206,7 +206,8 @@ def init_state(cell: Cell, params, carry, trace0: Callable, key=None) -> OnlineS
     fs = flat_step(cell, params)
     key = jax.random.key(0) if key is None else key
     key, sub = jax.random.split(key)
-    trace = jax.vmap(lambda k: trace0(fs, fs.theta, k))(jax.random.split(sub, batch_size(carry)))
+    traces = jax.jit(lambda theta, keys: jax.vmap(lambda k: trace0(fs, theta, k))(keys))  # one program, not op by op
+    trace = traces(fs.theta, jax.random.split(sub, batch_size(carry)))
     return OnlineState(carry, trace, key)
 
 

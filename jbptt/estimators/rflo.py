@@ -48,7 +48,7 @@ def rflo(cell: Cell, loss_fn: LossFn, *, leak: float = 1.0, feedback: str = "ran
     def feedback_for(rows):
         n, O = rows.C * rows.N, cell.output_size
         matrix = jax.random.normal(jax.random.key(feedback_seed), (n, O)) / jnp.sqrt(O)
-        matrix = matrix * (jnp.arange(n) < rows.N)[:, None]  # only the first component (h) reads out
+        matrix = jnp.where((jnp.arange(n) < rows.N)[:, None], matrix, 0.0)  # only the first component (h) reads out
         return lambda gy, gs: (matrix.astype(gy.dtype) @ gy.reshape(-1)).astype(gs.dtype)
 
     return eligibility_estimator("rflo", cell, loss_fn, block_for, readout=readout,

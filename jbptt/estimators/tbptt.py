@@ -181,7 +181,7 @@ def tbptt(cell: Cell, loss_fn: LossFn, *, k1: int, k2: int | None = None, statef
             resets = resets.at[:, 0].set(True)
         chunks = split_chunks(batch._replace(resets=resets), k1)
         valid = sequence_mask(chunks.seq_lengths.reshape(-1), k1).reshape(chunks.resets.shape)
-        weights = chunks.mask * valid
+        weights = chunks.mask * valid.astype(chunks.mask.dtype)
 
         def body(acc, chunk):
             loss_sum, grad_sum, st = acc
