@@ -1,10 +1,9 @@
 """Losses, masks, and the BPTT estimator.
 
-Programs are compiled with the XLA CPU backend's cheapest code generation (``FAST_COMPILE``: the same program, less
-optimised machine code), since compilation dominates these tests.
+Programs are compiled with the cheap code generation tests/conftest.py asks XLA for, since compilation dominates
+these tests.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +14,6 @@ import pytest
 import jbptt
 from jbptt import cells, losses
 from jbptt.testing import init_f64
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                "xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
-jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 def test_cross_entropy_and_mse():
@@ -51,7 +46,7 @@ def test_bptt_estimator_equals_reference_and_masks_steps(key):
     mask = losses.final_step_weights(3, 6, jnp.array([6, 4, 2]), jnp.float64)
     batch = jbptt.Batch(xs, labels, mask=mask, seq_lengths=jnp.array([6, 4, 2]))
     est = jbptt.make_estimator("bptt", cell, losses.cross_entropy)
-    (loss, grads, _), (ref_loss, ref_grads), (_, ys) = jit(lambda p, b: (
+    (loss, grads, _), (ref_loss, ref_grads), (_, ys) = jax.jit(lambda p, b: (
         est.update(p, est.init(p, None), b), jbptt.reference_gradient(cell, losses.cross_entropy, p, b),
         jbptt.unroll.unroll(cell, p, b.inputs, seq_lengths=b.seq_lengths)))(params, batch)
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-12)
@@ -68,10 +63,10 @@ def test_stateful_bptt_carries_the_final_state(key):
     xs = jax.random.normal(jax.random.key(1), (2, 8, 2), jnp.float64)
     est = jbptt.estimators.bptt.bptt(cell, losses.mse, stateful=True)
     state = est.init(params, cell.initial_carry(params, (2,)))
-    update = jit(est.update)
+    update = jax.jit(est.update)
     _, _, state = update(params, state, jbptt.Batch(xs[:, :4], jnp.zeros((2, 4, 1))))
     _, _, state = update(params, state, jbptt.Batch(xs[:, 4:], jnp.zeros((2, 4, 1))))
-    whole, _ = jit(lambda p: jbptt.unroll.unroll(cell, p, xs))(params)
+    whole, _ = jax.jit(lambda p: jbptt.unroll.unroll(cell, p, xs))(params)
     np.testing.assert_allclose(state.carry, whole, rtol=1e-12)
     with pytest.raises(ValueError, match="unknown estimator 'nope'"):
         jbptt.make_estimator("nope", cell, losses.mse)
@@ -85,7 +80,7 @@ def test_train_step_reduces_loss(key):
     est = jbptt.estimators.bptt.bptt(cell, losses.mse)
     opt = optax.adam(1e-2)
     state = jbptt.train.init_train_state(est, opt, params, None)
-    step = jit(jbptt.train.make_train_step(est, opt))
+    step = jax.jit(jbptt.train.make_train_step(est, opt))
     state, first = step(state, batch)
     for _ in range(50):
         state, metrics = step(state, batch)

@@ -1,7 +1,7 @@
 """Approximate online estimators against exact RTRL and BPTT: SnAp-1/2, UORO, KF-RTRL, e-prop, RFLO (float64, random).
 
-Several estimators of one problem are compiled as one program, with the XLA CPU backend's cheapest code generation
-(``FAST_COMPILE``: the same program, less optimised machine code), since compilation dominates these tests.
+Several estimators of one problem are compiled as one program, with the cheap code generation tests/conftest.py
+asks XLA for, since compilation dominates these tests.
 """
 
 import functools
@@ -17,9 +17,6 @@ from jbptt.estimators.bptt import reference_gradient
 from jbptt.testing import random_problem
 
 TOL = 1e-10
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                "xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
-jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 def relative_error(estimate, reference):
@@ -50,7 +47,7 @@ def gradients(cell, params, batch, *specs):
         return [reference_gradient(cell, losses.mse, p, b)[1] if est is None else
                 est.update(p, est.init(p, c, inputs=b.inputs), b)[1] for est in ests]
 
-    return jit(run)(params, batch)
+    return jax.jit(run)(params, batch)
 
 
 def test_registered_names():
@@ -102,7 +99,7 @@ def test_stochastic_estimators_are_unbiased(name, cell, key):
     est.init(params, carry, inputs=batch.inputs)  # eager once: runs the estimator's own checks
     flat = lambda g: jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
 
-    @jit
+    @jax.jit
     def many(keys):
         one = lambda k: flat(est.update(params, est.init(params, carry, key=k, inputs=batch.inputs), batch)[1])
         return jax.vmap(one)(keys), flat(reference_gradient(cell, losses.mse, params, batch)[1])
@@ -138,7 +135,7 @@ def local_rule_problems(name):
     cell = {"elman": ELMAN, "lstm": LSTM}[name]
     params, batch = problem(cell, T=12)
     one = batch._replace(inputs=batch.inputs[:, :1], targets=batch.targets[:, :1])
-    refs = jit(lambda p, b1, b: (reference_gradient(cell, losses.mse, p, b1)[1],
+    refs = jax.jit(lambda p, b1, b: (reference_gradient(cell, losses.mse, p, b1)[1],
                                  reference_gradient(cell, losses.mse, p, b)[1]))(params, one, batch)
     return cell, params, one, batch, refs
 
@@ -180,7 +177,7 @@ def test_online_estimators_run_stateful_under_jit(key):
     ests = [jbptt.make_estimator(name, ELMAN, losses.mse, stateful=True) for name in ("snap1", "uoro", "rflo")]
     states = [est.init(params, carry, inputs=batch.inputs) for est in ests]
 
-    @jit
+    @jax.jit
     def twice(states):
         out = []
         for est, state in zip(ests, states, strict=True):

@@ -20,12 +20,11 @@ T = 13
 F64 = jnp.float64
 # Compile options of every program here: XLA's backend (LLVM) optimisations change neither the values, the temp
 # memory nor the dot count these tests check, and compiling dominates their cost.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _compiled(f, *args):
-    """``jax.jit(f)`` lowered for ``args`` (positional arrays) and compiled with :data:`FAST_COMPILE`."""
-    return jax.jit(f).lower(*args).compile(compiler_options=FAST_COMPILE)
+    """``jax.jit(f)`` lowered for ``args`` (positional arrays) and compiled."""
+    return jax.jit(f).lower(*args).compile()
 
 
 def _jit(f):

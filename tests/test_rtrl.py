@@ -1,10 +1,9 @@
 """Exact RTRL against plain BPTT (float64, random inputs): every cell, stacks, both modes, the diagonal path.
 
-Estimator and reference are compiled together, with the XLA CPU backend's cheapest code generation
-(``FAST_COMPILE``: the same program, less optimised machine code), since compilation dominates these tests.
+Estimator and reference are compiled together, with the cheap code generation tests/conftest.py asks XLA for,
+since compilation dominates these tests.
 """
 
-import functools
 import pathlib
 import re
 
@@ -23,9 +22,6 @@ from jbptt.estimators.rtrl import check_unit_structure, influence_bytes, rtrl
 from jbptt.testing import random_problem
 
 TOL = 1e-10
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                "xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
-jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
 def relative_error(estimate, reference):
@@ -49,7 +45,7 @@ def against_reference(est, cell, loss_fn, params, batch):
         state = est.init(p, cell.initial_carry(p, (b.inputs.shape[0],)), inputs=b.inputs)
         return est.update(p, state, b)[:2], reference_gradient(cell, loss_fn, p, b)
 
-    return jit(both)(params, batch)
+    return jax.jit(both)(params, batch)
 
 
 CELLS = [
@@ -97,7 +93,7 @@ def test_rtrl_under_jit_and_online_chunks(key):
     assert float(relative_error(g_jit, g_ref)) <= TOL
     total = jnp.sum(batch.weights(jnp.float64))
     state, acc = est.init(params, cell.initial_carry(params, (2,))), jax.tree.map(jnp.zeros_like, params)
-    update = jit(est.update)
+    update = jax.jit(est.update)
     for chunk in split_segment(batch, 3):
         _, g, state = update(params, state, chunk)
         share = jnp.sum(chunk.weights(jnp.float64)) / total
@@ -113,7 +109,7 @@ def test_rtrl_trains_online(key):
     est = jbptt.make_estimator("rtrl", cell, losses.mse, stateful=True)
     opt = optax.adam(3e-2)
     state = jbptt.train.init_train_state(est, opt, params, cell.initial_carry(params, (4,)))
-    step = jit(jbptt.train.make_train_step(est, opt))
+    step = jax.jit(jbptt.train.make_train_step(est, opt))
     losses_seen = []
     for _ in range(5):
         for chunk in split_segment(batch, 4):

@@ -2,8 +2,8 @@
 
 Loss normalisation (see :mod:`~jbptt.estimators.tbptt`): ``update`` returns the truncated gradient of the
 segment's weighted mean loss, i.e. ``sum over chunks of grad(chunk's summed weighted loss) / segment's total
-weight``. References and estimators are compiled with the XLA CPU backend's cheapest code generation
-(``FAST_COMPILE``: the same program, less optimised machine code), since compilation dominates these tests.
+weight``. References and estimators are compiled with the cheap code generation tests/conftest.py asks XLA for,
+since compilation dominates these tests.
 """
 
 import functools
@@ -25,9 +25,6 @@ from jbptt.train import init_train_state, make_sequence_train_step, make_train_s
 from jbptt.unroll import unroll, with_step_keys
 
 B, T, I, O = 3, 9, 2, 2
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                "xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
-jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 CELLS = {
     "elman": lambda: cells.elman(4),
@@ -58,13 +55,13 @@ def finite(tree):
 def segment_update(cell, params, batch, **options):
     est = tbptt(cell, losses.mse, **options)
     state = est.init(params, cell.initial_carry(params, (B,)), inputs=batch.inputs)
-    return jit(est.update)(params, state, batch)
+    return jax.jit(est.update)(params, state, batch)
 
 
 @functools.cache
 def reference(name):
     cell, params, batch = make_problem(name)
-    return jit(lambda p, b: reference_gradient(cell, losses.mse, p, b))(params, batch)
+    return jax.jit(lambda p, b: reference_gradient(cell, losses.mse, p, b))(params, batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,7 +107,7 @@ def brute_force_tbptt(name, k1, k2):
         W = jnp.sum(weights)
         return total_loss / W, jax.tree.map(lambda g: g / W, total_grads)
 
-    return jit(run)(params, batch)
+    return jax.jit(run)(params, batch)
 
 
 @functools.cache
@@ -128,7 +125,7 @@ def chunked_bptt_reference(name, k):
             carry = lax.stop_gradient(carry)
         return total / jnp.sum(weights)
 
-    return jit(jax.value_and_grad(loss))(params)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,7 +195,7 @@ def test_stream_equals_batch_gradients(k1=3, k2=8):
     chunks = split_chunks(batch, k1)
     state = est.init(params, cell.initial_carry(params, (B,)), inputs=batch.inputs)
 
-    @jit
+    @jax.jit
     def stream(state):
         def body(state, chunk):
             _, g, state = est.update(params, state, chunk)
@@ -209,7 +206,8 @@ def test_stream_equals_batch_gradients(k1=3, k2=8):
 
     state, acc = stream(state)
     assert max_diff(acc, seg_grads) < 1e-10
-    final = jit(lambda p, b: unroll(cell, p, b.inputs, seq_lengths=b.seq_lengths, resets=b.resets)[0])(params, batch)
+    final = jax.jit(lambda p, b: unroll(cell, p, b.inputs, seq_lengths=b.seq_lengths, resets=b.resets)[0])(
+        params, batch)
     assert max_diff(state.carry, final) < 1e-12
 
 
@@ -222,7 +220,7 @@ def test_stream_training_equals_sequence_training(k1=3, k2=7):
     opt = optax.sgd(0.3)
     start = init_train_state(est, opt, params, cell.initial_carry(params, (B,)), inputs=batch.inputs)
 
-    seq_state, seq_metrics = jit(make_sequence_train_step(est, opt, k1))(start, batch)
+    seq_state, seq_metrics = jax.jit(make_sequence_train_step(est, opt, k1))(start, batch)
 
     traces = []
 
@@ -234,7 +232,8 @@ def test_stream_training_equals_sequence_training(k1=3, k2=7):
     chunks = (Batch(batch.inputs[:, s:s + k1], batch.targets[:, s:s + k1], batch.mask[:, s:s + k1], None,
                     resets[:, s:s + k1]) for s in range(0, T, k1))
     losses_seen = []
-    stream_state, n = train_stream(jit(step), start, chunks, k1, on_metrics=lambda i, m: losses_seen.append(m["loss"]))
+    stream_state, n = train_stream(jax.jit(step), start, chunks, k1,
+                                   on_metrics=lambda i, m: losses_seen.append(m["loss"]))
     assert n == -(-T // k1) and len(traces) == 1
     assert max_diff(stream_state.params, seq_state.params) < 1e-10
     assert max_diff(stream_state.est_state.carry, seq_state.est_state.carry) < 1e-10
@@ -247,7 +246,7 @@ def test_chunk_without_targets_gives_zero_loss_and_gradient():
     est = tbptt(cell, losses.mse, k1=4, k2=6, stateful=True)
     state = est.init(params, cell.initial_carry(params, (B,)), inputs=batch.inputs)
     chunk = Batch(batch.inputs[:, :4], batch.targets[:, :4], mask=jnp.zeros((B, 4)))
-    loss, grads, state2 = jit(est.update)(params, state, chunk)
+    loss, grads, state2 = jax.jit(est.update)(params, state, chunk)
     assert float(loss) == 0.0 and max_diff(grads, jax.tree.map(np.zeros_like, grads)) == 0.0
     assert max_diff(state2.carry, state.carry) > 1e-3  # the stream still moved on
 
@@ -272,12 +271,12 @@ def test_dropout_inputs_with_keys():
     padded = pad_chunk(batch._replace(inputs=jax.tree.map(lambda a: a[:, :3], batch.inputs),
                                       targets=batch.targets[:, :3], mask=batch.mask[:, :3]), 5)
     assert jnp.issubdtype(padded.inputs[1].dtype, jax.dtypes.prng_key) and padded.inputs[1].shape == (B, 5)
-    ref_loss, ref_grads = jit(lambda p, b: reference_gradient(cell, losses.mse, p, b))(params, batch)
+    ref_loss, ref_grads = jax.jit(lambda p, b: reference_gradient(cell, losses.mse, p, b))(params, batch)
     loss, grads, _ = segment_update(cell, params, batch, k1=8)
     assert abs(float(loss - ref_loss)) < 1e-10 and max_diff(grads, ref_grads) < 1e-10
     est = tbptt(cell, losses.mse, k1=3, k2=5, stateful=True)  # 8 = 3 + 3 + 2: the last chunk is padded
     state = est.init(params, cell.initial_carry(params, (B,)), inputs=batch.inputs)
-    loss, grads, state = jit(est.update)(params, state, batch)
+    loss, grads, state = jax.jit(est.update)(params, state, batch)
     assert jnp.issubdtype(state.window.inputs[1].dtype, jax.dtypes.prng_key)
     assert finite(grads)
 
@@ -301,12 +300,12 @@ def test_artbp_is_unbiased():
     estimates differ only by the key given to ``init``."""
     artbp = lambda since: jnp.where(since < 2, 0.05, 0.4)
     cell, params, batch = make_problem("elman", T=10)
-    ref = _flat_host(jit(lambda p, b: reference_gradient(cell, losses.mse, p, b))(params, batch)[1])
+    ref = _flat_host(jax.jit(lambda p, b: reference_gradient(cell, losses.mse, p, b))(params, batch)[1])
     n = 4000
     est = tbptt(cell, losses.mse, k1=10, artbp=artbp)
     carry = cell.initial_carry(params, (B,))
     one = lambda key: _flat(est.update(params, est.init(params, carry, key=key), batch)[1])
-    samples = np.asarray(jit(jax.vmap(one))(jax.random.split(jax.random.key(1), n)))
+    samples = np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(1), n)))
     mean = np.mean(samples, axis=0)
     standard_error = np.sqrt(np.sum(np.var(samples, axis=0, ddof=1)) / n)
     error = float(np.linalg.norm(mean - ref))
@@ -321,7 +320,7 @@ def test_artbp_without_truncation_is_bptt_and_stream_runs():
     assert max_diff(segment_update(cell, params, batch, k1=T, artbp=0.0)[1], reference("elman")[1]) < 1e-10
     est = tbptt(cell, losses.mse, k1=4, k2=8, stateful=True, artbp=0.2)
     state = est.init(params, cell.initial_carry(params, (B,)), key=jax.random.key(3), inputs=batch.inputs)
-    update = jit(est.update)
+    update = jax.jit(est.update)
     for s in range(0, 8, 4):
         loss, grads, state = update(params, state, Batch(batch.inputs[:, s:s + 4], batch.targets[:, s:s + 4]))
         assert finite((loss, grads))
