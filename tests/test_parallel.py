@@ -30,10 +30,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                      "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
+"""XLA CPU's cheapest code generation for the workers (the same programs, less optimised machine code): compiling
+dominates them. Every worker gets the same flags, so the processes' results stay comparable bit for bit."""
+
+
 def _env(**extra):
     env = {**os.environ, **extra}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # (and no inherited device-count flag: the workers set their own)
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

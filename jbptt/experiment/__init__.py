@@ -1,0 +1,17 @@
+"""The application layer: experiments built on the library (nothing in the library imports it).
+
+Modules, each importing only those above it:
+
+- :mod:`~jbptt.experiment.config`: typed YAML configs with dotted overrides and one clear error per problem;
+- :mod:`~jbptt.experiment.build`: config -> task, cell, loss, estimator (with its remat scan), optimizer; the
+  run's keys; the float64 scope;
+- :mod:`~jbptt.experiment.evaluate`: the evaluation function, evaluators on fixed batches, the gradient-flow profile;
+- :mod:`~jbptt.experiment.rundir`: run folders, ``metrics.jsonl``, summaries, machine info, progress bar, signals;
+- :mod:`~jbptt.experiment.plots`: PNG plots of run folders (and the pyplot helpers every plot uses);
+- :mod:`~jbptt.experiment.esn`: the closed-form ESN readout fit (a non-gradient *fitter*);
+- :mod:`~jbptt.experiment.loop`: the training loop of a gradient estimator;
+- :mod:`~jbptt.experiment.runner`: ``train(cfg)`` (what ``jbptt run`` calls: a fitter of ``FITTERS`` or the loop)
+  and ``load_run``;
+- :mod:`~jbptt.experiment.compare`: the estimator comparison (agreement, cost scaling, learning curves);
+- :mod:`~jbptt.experiment.sampling`: text generation from a character-level model.
+"""
