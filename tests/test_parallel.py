@@ -30,16 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                      "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
-"""XLA CPU's cheapest code generation for the workers (the same programs, less optimised machine code): compiling
-dominates them. Every worker gets the same flags, so the processes' results stay comparable bit for bit."""
-
-
 def _env(**extra):
+    """The workers' environment: this one (conftest's XLA compile settings included) without a device-count flag
+    (each worker sets its own)."""
     env = {**os.environ, **extra}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # (and no inherited device-count flag: the workers set their own)
+    flags = env.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if not f.startswith("--xla_force_host_platform_device_count"))
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
