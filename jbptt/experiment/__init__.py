@@ -12,6 +12,7 @@ Modules, each importing only those above it:
 - :mod:`~jbptt.experiment.loop`: the training loop of a gradient estimator;
 - :mod:`~jbptt.experiment.runner`: ``train(cfg)`` (what ``jbptt run`` calls: a fitter of ``FITTERS`` or the loop)
   and ``load_run``;
+- :mod:`~jbptt.experiment.compare_report`: the comparison's Markdown tables and plots;
 - :mod:`~jbptt.experiment.compare`: the estimator comparison (agreement, cost scaling, learning curves);
 - :mod:`~jbptt.experiment.sampling`: text generation from a character-level model.
 """

@@ -60,6 +60,7 @@ from jbptt.diagnostics import cosine_similarity, relative_error
 from jbptt.estimator import make_estimator
 from jbptt.estimators.online import split_segment
 from jbptt.experiment.build import build_model, build_optimizer, precision
+from jbptt.experiment.compare_report import markdown, plot_agreement, plot_scaling, plot_training
 from jbptt.experiment.config import (
     Config,
     ConfigError,
@@ -71,7 +72,6 @@ from jbptt.experiment.config import (
     parse_section,
 )
 from jbptt.experiment.evaluate import make_eval_fn
-from jbptt.experiment.plots import pyplot, save_figure
 from jbptt.experiment.rundir import machine_info
 from jbptt.train import TrainState, make_train_step
 
@@ -108,7 +108,7 @@ class AgreementConfig:
 class CompareTrainingConfig:
     """Learning curves: ``steps`` iterations (one batch of sequences each), an optimizer update every
     ``online_chunk`` steps for online estimators (``None``: once per sequence), validation loss every
-    ``eval_every`` iterations and the cosine to BPTT along training every ``align_every`` iterations."""
+    ``eval_every`` iterations and the cosine to the reference along training every ``align_every`` iterations."""
 
     steps: int = 200
     batch_size: int = 16
@@ -434,137 +434,6 @@ def cost_scaling(cfg: CompareConfig, log=print) -> dict:
                 "memory_exponent": _exponents(xs, [p["temp_bytes"] for p in points])}
         out[ser.name] = res
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Report.
-
-
-def plot_agreement(agreement: dict, out_dir: str) -> list[str]:
-    plt = pyplot()
-    labels = agreement["labels"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    rel = [max(agreement["relative_error"][lab], 1e-17) for lab in labels]
-    axes[0].bar(labels, rel)
-    axes[0].set_yscale("log")
-    axes[0].set_title("relative error to BPTT")
-    axes[1].bar(labels, [agreement["cosine"][lab] for lab in labels])
-    axes[1].set_ylim(-1, 1.05)
-    axes[1].set_title("cosine to BPTT")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=45)
-    paths = [save_figure(fig, os.path.join(out_dir, "agreement.png"))]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(labels), 0.8 + 0.6 * len(labels)))
-    m = np.asarray(agreement["alignment_matrix"])
-    im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
-    ax.set_xticks(range(len(labels)), labels, rotation=45)
-    ax.set_yticks(range(len(labels)), labels)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="cosine")
-    ax.set_title("gradient alignment")
-    paths.append(save_figure(fig, os.path.join(out_dir, "alignment_matrix.png")))
-    return paths
-
-
-def plot_training(training: dict, out_dir: str) -> list[str]:
-    plt = pyplot()
-    curves = training["curves"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for lab, c in curves.items():
-        axes[0].plot(c["iteration"], c["loss"], label=lab)
-        axes[1].plot(np.asarray(c["wall_time"]) + 1e-3, c["loss"], label=lab)
-    axes[0].set_xlabel("iteration (batches of sequences)")
-    axes[1].set_xlabel("training wall time [s]")
-    axes[1].set_xscale("log")
-    for ax in axes:
-        ax.set_ylabel("validation loss")
-        ax.legend(fontsize=8)
-    paths = [save_figure(fig, os.path.join(out_dir, "learning_curves.png"))]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for lab, c in curves.items():
-        ax.plot(c["align_iteration"], c["align_cosine"], marker="o", label=lab)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cosine to BPTT at the current parameters")
-    ax.set_ylim(-1, 1.05)
-    ax.legend(fontsize=8)
-    paths.append(save_figure(fig, os.path.join(out_dir, "alignment_training.png")))
-    return paths
-
-
-def plot_scaling(scaling: dict, out_dir: str) -> list[str]:
-    plt = pyplot()
-    paths = []
-    for name, res in scaling.items():
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for lab, r in res["estimators"].items():
-            xs = [p["value"] for p in r["points"]]
-            if not xs:
-                continue
-            te, me = r["time_exponent"]["upper_half"], r["memory_exponent"]["upper_half"]
-            axes[0].plot(xs, [p["time_s"] for p in r["points"]], marker="o",
-                         label=f"{lab} (slope {te:.2f})" if te is not None else lab)
-            mem = [p["temp_bytes"] or np.nan for p in r["points"]]
-            axes[1].plot(xs, mem, marker="o", label=f"{lab} (slope {me:.2f})" if me is not None else lab)
-        axes[0].set_ylabel("wall time per update [s]")
-        axes[1].set_ylabel("XLA temp memory [bytes]")
-        for ax in axes:
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel(res["vary"])
-            ax.legend(fontsize=8)
-        fig.suptitle(f"{res['cell']}: cost against {res['vary']} ({res['fixed']})")
-        paths.append(save_figure(fig, os.path.join(out_dir, f"scaling_{name}.png")))
-    return paths
-
-
-def _fmt(x, spec=".3g"):
-    return "—" if x is None else format(x, spec)
-
-
-def markdown(report: dict) -> str:
-    """The report's tables as Markdown."""
-    lines = [f"# Estimator comparison: {report['config_file']}", "",
-             f"Machine: {report['machine']['platform']}, {report['machine']['devices']}; jax "
-             f"{report['machine']['jax']}. Times are medians on a possibly shared machine.", ""]
-    ag = report.get("agreement")
-    if ag:
-        labels = ag["labels"]
-        lines += ["## Gradient agreement with BPTT (initial parameters)", "",
-                  "| estimator | relative error | cosine |", "| --- | --- | --- |"]
-        lines += [f"| {lab} | {ag['relative_error'][lab]:.3g} | {ag['cosine'][lab]:.4f} |" for lab in labels]
-        lines += ["", "### Alignment matrix (cosine between estimators)", "",
-                  "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-        for lab, row in zip(labels, ag["alignment_matrix"], strict=True):
-            lines.append(f"| {lab} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
-        lines.append("")
-    sc = report.get("scaling")
-    if sc:
-        lines += ["## Cost scaling (fitted log-log exponents: all points / larger half)", "",
-                  "| series | estimator | time exponent | memory exponent | time at largest | temp memory at largest |"
-                  " note |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        for name, res in sc.items():
-            for lab, r in res["estimators"].items():
-                last = r["points"][-1] if r["points"] else {}
-                te, me = r["time_exponent"], r["memory_exponent"]
-                lines.append(
-                    f"| {name} | {lab} | {_fmt(te['all'], '.2f')} / {_fmt(te['upper_half'], '.2f')} | "
-                    f"{_fmt(me['all'], '.2f')} / {_fmt(me['upper_half'], '.2f')} | "
-                    f"{_fmt(last.get('time_s'))} s | {_fmt(last.get('temp_bytes'), ',')} B | "
-                    f"{(r['skipped'] or '')[:80]} |")
-        lines.append("")
-    tr = report.get("training")
-    if tr:
-        lines += ["## Learning curves (final validation loss and metric)", "",
-                  f"| estimator | updates | train wall time [s] | final loss | final {tr['metric']} |"
-                  " mean cosine to BPTT along training |", "| --- | --- | --- | --- | --- | --- |"]
-        for lab, c in tr["curves"].items():
-            lines.append(f"| {lab} | {c['updates'][-1]} | {c['wall_time'][-1]:.2f} | {c['loss'][-1]:.4f} | "
-                         f"{c['metric'][-1]:.4f} | {np.mean(c['align_cosine']):.3f} |")
-        lines.append("")
-    lines += ["Plots: " + ", ".join(os.path.basename(p) for p in report.get("plots", [])), ""]
-    return "\n".join(lines)
 
 
 def run(cfg: CompareConfig, *, config_file: str = "<config>", out_dir: str | None = None,
