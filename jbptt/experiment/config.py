@@ -1,11 +1,10 @@
 """Experiment configs: YAML files read with ``yaml.safe_load`` into typed dataclasses, with dotted overrides.
 
-A config has the sections ``task``, ``model``, ``estimator``, ``optimizer``, ``training``, ``logging``,
-``remat``,
+A config has the sections ``task``, ``model``, ``estimator``, ``optimizer``, ``training``, ``logging``, ``remat``,
 ``parallel`` and a top-level ``seed``; only ``task.name`` is required::
 
     task: {name: adding, options: {length: 50}}
-    model: {cell: lstm, hidden: 64}
+    model: {cell: lstm, hidden: 64}               # fused: auto (the default) attaches the fused fast path
     estimator: {name: bptt, options: {}}          # options go to make_estimator(name, cell, loss, **options)
     optimizer: {name: adam, lr: 3e-3, clip_norm: 1.0}
     training: {steps: 1500, batch_size: 64, eval_every: 100}
@@ -85,12 +84,10 @@ class EstimatorConfig:
 class OptimizerConfig:
     """An optax optimizer by name with a learning-rate schedule, clipping, weight decay and L1/L2 penalties.
 
-    ``schedule``: ``constant``, ``cosine`` (to ``end_lr_fraction * lr`` at the last step), ``warmup`` (linear
-    from 0 over ``warmup_steps``, then constant) or ``warmup_cosine``. ``weight_decay`` is decoupled for
-    ``adamw``
-    and added to the gradient (L2) otherwise; ``l1``/``l2`` add ``l1 * |p|_1 + l2 / 2 * |p|^2`` to the
-    objective
-    through the gradient. ``options`` go to the optax constructor (e.g. ``b1``, ``eps``).
+    ``schedule``: ``constant``, ``cosine`` (to ``end_lr_fraction * lr`` at the last step), ``warmup`` (linear from 0
+    over ``warmup_steps``, then constant) or ``warmup_cosine``. ``weight_decay`` is decoupled for ``adamw`` and added
+    to the gradient (L2) otherwise; ``l1``/``l2`` add ``l1 * |p|_1 + l2 / 2 * |p|^2`` to the objective through the
+    gradient. ``options`` go to the optax constructor (e.g. ``b1``, ``eps``).
     """
 
     name: str = "adam"
