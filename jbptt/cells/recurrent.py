@@ -6,6 +6,7 @@ Elman, LSTM and GRU cells are attached by :mod:`jbptt.fused`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -150,14 +151,14 @@ def diagonal_linear(hidden: int, output_size: int | None = None, *, complex_valu
         u = jax.random.uniform(ku, (hidden,), dtype)
         nu = jnp.log(-0.5 * jnp.log(u * (r_max**2 - r_min**2) + r_min**2))
         params = {"nu": nu.astype(dtype),
-                  "b_re": jax.random.normal(kb, (input_size, hidden), dtype) / np.sqrt(2 * input_size),
-                  "c_re": jax.random.normal(kc, (hidden, out), dtype) / np.sqrt(hidden),
-                  "d": jax.random.normal(kd, (input_size, out), dtype) / np.sqrt(input_size)}
+                  "b_re": jax.random.normal(kb, (input_size, hidden), dtype) / math.sqrt(2 * input_size),
+                  "c_re": jax.random.normal(kc, (hidden, out), dtype) / math.sqrt(hidden),
+                  "d": jax.random.normal(kd, (input_size, out), dtype) / math.sqrt(input_size)}
         if complex_valued:
             theta = jnp.log(max_phase * jax.random.uniform(kp, (hidden,), dtype))
             params.update(theta=theta.astype(dtype),
-                          b_im=jax.random.normal(kbi, (input_size, hidden), dtype) / np.sqrt(2 * input_size),
-                          c_im=jax.random.normal(kci, (hidden, out), dtype) / np.sqrt(hidden))
+                          b_im=jax.random.normal(kbi, (input_size, hidden), dtype) / math.sqrt(2 * input_size),
+                          c_im=jax.random.normal(kci, (hidden, out), dtype) / math.sqrt(hidden))
         return params
 
     def initial_carry(params, batch_shape):
