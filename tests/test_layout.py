@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).parent.parent / "jbptt"
 # Lowest first; a module may import only from its own layer or below (README "The pieces").
 LAYERS = [
     ("batch",),
-    ("losses", "tasks"),
+    ("losses", "ctc", "tasks"),
     ("cells",),
     ("fused",),
     ("unroll",),
@@ -19,7 +19,7 @@ LAYERS = [
     ("estimators",),
     ("remat",),
     ("train",),
-    ("parallel", "diagnostics", "checkpoint"),
+    ("parallel", "diagnostics", "seq2seq", "checkpoint"),
     ("testing",),
     ("__init__",),  # the package root re-exports the library
     ("experiment",),
