@@ -226,6 +226,21 @@ def build(cfg: Config, source: str = "<config>") -> Experiment:
     """Builds task, cell, loss, estimator and optimizer; every config problem raises :class:`ConfigError`."""
     model = build_model(cfg, source)
     estimator = build_estimator(cfg, model.cell, model.loss_fn, source)
-    params = model.cell.init(jax.random.key(0), model.task.input_size)  # concrete: some inits use numpy
+    try:  # concrete: some inits use numpy; a bad option value (forget_bias: abc) fails here
+        params = model.cell.init(jax.random.key(0), model.task.input_size)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("model.options", f"cell {cfg.model.cell!r}: {type(e).__name__}: {e}", source) from None
     optimizer, schedule = build_optimizer(cfg, params, source)
+    dry_run_optimizer(cfg, optimizer, params, source)
     return Experiment(*model, estimator, optimizer, schedule)
+
+
+def dry_run_optimizer(cfg: Config, optimizer, params, source: str = "<config>") -> None:
+    """Traces one ``init`` + ``update`` of ``optimizer`` on ``params`` (abstractly, with ``jax.eval_shape``), so
+    an option value optax accepts at construction but cannot use (``b1: abc``) is a :class:`ConfigError` before
+    anything is written."""
+    try:
+        jax.eval_shape(lambda p: optimizer.update(p, optimizer.init(p), p), params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("optimizer.options", f"optimizer {cfg.optimizer.name!r}: {type(e).__name__}: {e}",
+                          source) from None
