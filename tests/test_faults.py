@@ -21,6 +21,7 @@ def run_cli(*args):
 @pytest.mark.parametrize("overrides, key", [
     (["optimizer.options.b1=abc"], "optimizer.options"),
     (["model.cell=lstm", "model.options.forget_bias=abc"], "model.options"),
+    (["task.options.dtype=float16"], "task.options.dtype"),
 ])
 def test_bad_option_values_are_config_errors_before_anything_is_written(tmp_path, overrides, key):
     root = tmp_path / "runs"
@@ -28,4 +29,5 @@ def test_bad_option_values_are_config_errors_before_anything_is_written(tmp_path
     code, out, err = run_cli("run", config, *overrides, "--quiet")
     assert code == 2, err
     assert "config error" in err and f": {key}: " in err and "Traceback" not in err
+    assert "multiple values" not in err
     assert not os.path.exists(root)

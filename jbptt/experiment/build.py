@@ -101,6 +101,9 @@ def float_dtype(cfg: Config, source: str = "<config>"):
 def build_task(cfg: Config, source: str = "<config>") -> Task:
     """The task of ``cfg.task``, generating data in ``cfg.model.dtype``."""
     float_dtype(cfg, source)
+    if "dtype" in cfg.task.options:
+        raise ConfigError("task.options.dtype", "the data's dtype is model.dtype (float32 or float64); set that "
+                          "instead", source)
     try:
         return make_task(cfg.task.name, dtype=cfg.model.dtype, **cfg.task.options)
     except (TypeError, ValueError, ImportError) as e:
