@@ -288,16 +288,52 @@ def parse_config(raw, source: str = "<config>") -> Config:
     return cfg
 
 
-def load_config(path: str, overrides=(), *, source: str | None = None) -> Config:
-    """Reads a YAML config file, applies dotted overrides and returns the validated :class:`Config`."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (YAML itself keeps the last one)."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, mark):
+        self.key, self.mark = key, mark
+        super().__init__(f"duplicate key {key!r} at line {mark.line + 1}")
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise _DuplicateKey(key, key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: str, source: str | None = None):
+    """The YAML file at ``path`` parsed safely, refusing duplicate keys.
+
+    Raises:
+      ConfigError: the file is missing, not valid YAML, or repeats a key in one mapping.
+    """
     source = source or str(path)
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except FileNotFoundError:
         raise ConfigError("", "file not found", source) from None
+    except _DuplicateKey as e:
+        raise ConfigError(str(e.key), f"duplicate key (line {e.mark.line + 1}); YAML would silently keep the last "
+                          "value", source) from None
     except yaml.YAMLError as e:
         raise ConfigError("", f"invalid YAML: {e}", source) from None
+
+
+def load_config(path: str, overrides=(), *, source: str | None = None) -> Config:
+    """Reads a YAML config file, applies dotted overrides and returns the validated :class:`Config`."""
+    source = source or str(path)
+    raw = read_yaml(path, source)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
