@@ -2,12 +2,15 @@
 
 import contextlib
 import io
+import json
 import os
 
 import pytest
 
 from jbptt import cli
-from jbptt.experiment.config import ConfigError, load_config
+from jbptt.experiment.config import ConfigError, load_config, parse_config
+from jbptt.experiment.runner import train
+from tests import test_runner  # noqa: F401 (registers the test_nan_after estimator)
 from tests.runner_helpers import tiny_raw, write_config
 
 
@@ -46,3 +49,32 @@ def test_a_duplicate_yaml_key_is_a_config_error_naming_the_key_and_file(tmp_path
     assert code == 2 and "duplicate key" in err and ": model: " in err
     path.write_text("task: {name: adding}\nmodel: {hidden: 8, cell: gru}\n")  # same key in two mappings: fine
     assert load_config(str(path)).model.hidden == 8
+
+
+def test_a_nan_validation_halts_before_saving_and_says_what_exists(tmp_path):
+    # lr 1e30: the loss of step 1 is finite, the parameters after it are not usable: validation is Inf/NaN.
+    raw = tiny_raw(tmp_path, optimizer={"lr": 1e30}, training={"eval_every": 1, "steps": 5})
+    summary = train(parse_config(raw), str(tmp_path / "r"))
+    assert summary["status"] == "halted_nan" and summary["steps"] == 1, summary
+    assert "non-finite validation" in summary["message"] and "before saving" in summary["message"]
+    assert not os.path.exists(tmp_path / "r" / "checkpoints" / "best.msgpack")
+    last = tmp_path / "r" / "checkpoints" / "last.msgpack"
+    if last.exists():  # whatever exists is what the message names
+        assert "step 0) is left as it was" in summary["message"]
+    else:
+        assert "no checkpoint has been written" in summary["message"]
+
+
+def test_skipping_non_finite_steps_halts_after_a_bound(tmp_path):
+    raw = tiny_raw(tmp_path, estimator={"name": "test_nan_after", "options": {"after": 3}},
+                   training={"on_nan": "skip", "max_consecutive_skips": 4})
+    code, _, err = run_cli("run", write_config(tmp_path / "c.yaml", raw), "--run-dir", tmp_path / "r", "--quiet")
+    assert code == 1, err
+    with open(tmp_path / "r" / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["status"] == "halted_nan" and summary["steps"] == 7
+    assert summary["skipped_steps"] == 4 and summary["consecutive_skips"] == 4
+    assert "4 consecutive steps skipped" in summary["message"] and "max_consecutive_skips" in summary["message"]
+    assert "no checkpoint has been written" in summary["message"] or "is left as it was" in summary["message"]
+    with pytest.raises(ConfigError, match="training.max_consecutive_skips"):
+        parse_config(tiny_raw(tmp_path, training={"max_consecutive_skips": 0}))

@@ -108,7 +108,8 @@ class OptimizerConfig:
 class TrainingConfig:
     """Steps, batches, evaluation, early stopping (``patience`` evaluations without improvement of the task's
     headline metric on the validation split), checkpointing, and what a NaN/Inf does (``halt`` or
-    ``skip``)."""
+    ``skip``; a skipping run halts after ``max_consecutive_skips`` skipped steps in a row). A NaN/Inf validation
+    metric always halts the run before anything is saved."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -119,6 +120,7 @@ class TrainingConfig:
     min_delta: float = 0.0
     checkpoint_every: int = 500
     on_nan: str = "halt"
+    max_consecutive_skips: int = 10
 
 
 @dataclass
@@ -412,7 +414,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for name in ("weight_decay", "l1", "l2"):
         need(getattr(o, name) >= 0, f"optimizer.{name}", f"must be >= 0, got {getattr(o, name)}")
     t = cfg.training
-    for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "eval_batches", "checkpoint_every"):
+    for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "eval_batches", "checkpoint_every",
+                 "max_consecutive_skips"):
         need(getattr(t, name) >= 1, f"training.{name}", f"must be >= 1, got {getattr(t, name)}")
     need(
         t.patience is None or t.patience >= 1, "training.patience", f"must be >= 1 or null, got {t.patience}"

@@ -133,6 +133,15 @@ class Session:
     evaluate: Callable
     log: rundir.MetricsLog
     t0: float
+    saved_step: int | None = None  # the step of checkpoints/last.msgpack (None: not written yet)
+    consecutive_skips: int = 0  # steps skipped in a row (on_nan: skip); not checkpointed
+
+    def kept(self) -> str:
+        """What a halted run leaves to resume from, for the halt message."""
+        if self.saved_step is None:
+            return "no checkpoint has been written, so there is nothing to resume; fix the cause and run again"
+        return f"the last checkpoint ({self.path('checkpoints', 'last.msgpack')}, step {self.saved_step}) is left " \
+               "as it was"
 
     def path(self, *parts) -> str:
         return os.path.join(self.run_dir, *parts)
@@ -146,14 +155,17 @@ class Session:
         host = self.loop.gather(state)  # a collective: every process gathers, process 0 writes
         if self.main:
             ckpt.save(self.path("checkpoints", "last.msgpack"), (host, self.book, self.best_params))
+        self.saved_step = int(host.step)
 
     def record(self, loss: float, gnorm: float) -> None:
         """Adds a step's loss and gradient norm to the logging interval (or counts it skipped)."""
         if math.isfinite(loss) and math.isfinite(gnorm):
             self.book["log_sum"] = self.book["log_sum"] + np.array([loss, gnorm])
             self.book["log_count"] = self.book["log_count"] + 1
+            self.consecutive_skips = 0
         else:
             self.book["skipped"] = self.book["skipped"] + 1
+            self.consecutive_skips += 1
 
     def log_train(self, step: int) -> None:
         """Writes the ``train`` line of the interval ending at ``step`` and starts a new interval."""
@@ -164,12 +176,17 @@ class Session:
                   "skipped": int(b["skipped"]), "time": round(self.elapsed(), 3)})
         b["log_sum"], b["log_count"] = np.zeros(2, np.float64), np.int64(0)
 
-    def validate(self, state, step: int) -> bool:
-        """Evaluates, logs a ``val`` line, keeps the best parameters; True when patience has run out."""
+    def validate(self, state, step: int) -> bool | str:
+        """Evaluates, logs a ``val`` line, keeps the best parameters; True when patience has run out, a message
+        when a validation metric is NaN/Inf (then nothing is saved)."""
         t, b = self.exp.config.training, self.book
         host = self.loop.gather(state)
         vm = self.evaluate(host.params)
         self.log({"step": step, "split": "val", **vm, "time": round(self.elapsed(), 3)})
+        bad = sorted(k for k, v in vm.items() if not math.isfinite(v))
+        if bad:
+            return f"non-finite validation {', '.join(f'{k} {vm[k]}' for k in bad)} at step {step}; run halted " \
+                   f"before saving, {self.kept()}"
         value, best = vm[self.exp.task.metric], float(b["best"])
         higher = self.exp.task.higher_is_better
         if math.isnan(best) or (value > best + t.min_delta if higher else value < best - t.min_delta):
@@ -205,15 +222,20 @@ def run_steps(sess: Session, state, step: int, progress: rundir.Progress) -> Out
             if not (math.isfinite(loss) and math.isfinite(gnorm)) and t.on_nan == "halt":
                 what = "loss" if not math.isfinite(loss) else "gradient"
                 return Outcome("halted_nan", f"non-finite {what} at step {step + 1} (loss {loss}, gradient norm "
-                               f"{gnorm}); run halted, the last checkpoint ({sess.path('checkpoints', 'last.msgpack')})"
-                               " is left as it was", step, state, loss)
+                               f"{gnorm}); run halted, {sess.kept()}", step, state, loss)
             state, step = new_state, step + 1
             sess.record(loss, gnorm)
             progress.update(step, loss)
             last = step == t.steps
             if step % lg.log_every == 0 or last:
                 sess.log_train(step)
+            if sess.consecutive_skips >= t.max_consecutive_skips:
+                return Outcome("halted_nan", f"{sess.consecutive_skips} consecutive steps skipped for a non-finite "
+                               f"loss or gradient (training.max_consecutive_skips) up to step {step}; run halted, "
+                               f"{sess.kept()}", step, state, loss)
             stop = (step % t.eval_every == 0 or last) and sess.validate(state, step)
+            if isinstance(stop, str):
+                return Outcome("halted_nan", stop, step, state, loss)
             if step % t.checkpoint_every == 0 or last or stop:
                 sess.save_last(state)
             if stop:
@@ -260,7 +282,7 @@ def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool =
     eval_fn = make_eval_fn(exp)
     evaluate = make_evaluator(exp, "val", t.eval_batch_size, t.eval_batches, keys.eval, eval_fn)
     sess = Session(exp, loop, run_dir, main, book, best_params, evaluate, rundir.MetricsLog(run_dir, main),
-                   time.monotonic() - float(book["elapsed"]))
+                   time.monotonic() - float(book["elapsed"]), first if resume else None)
     progress = rundir.Progress(t.steps, first, quiet or not main)
     session_t0 = time.monotonic()
     try:
@@ -286,6 +308,7 @@ def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool =
             rundir.write_json(run_dir, "gradient_flow.json", flows)
     train_recs = [r for r in (rundir.read_metrics(run_dir) if main else []) if r["split"] == "train"]
     summary.update(train_loss=train_recs[-1]["loss"] if train_recs else None, skipped_steps=int(book["skipped"]),
+                   consecutive_skips=sess.consecutive_skips,
                    wall_time_s=round(sess.elapsed(), 2),
                    steps_per_s=round((out.step - first) / max(time.monotonic() - session_t0, 1e-9), 2),
                    machine=rundir.machine_info())
