@@ -121,7 +121,10 @@ def _plot(args) -> int:
         if not os.path.exists(os.path.join(d, "metrics.jsonl")):
             return _err(f"{d} is not a run folder (no metrics.jsonl)", 2)
     out = args.out or (os.path.join(args.run_dirs[0], "curves.png") if len(args.run_dirs) == 1 else "runs.png")
-    plots.plot_runs(args.run_dirs, out, metric=args.metric)
+    try:
+        plots.plot_runs(args.run_dirs, out, metric=args.metric)
+    except CheckpointError as e:
+        return _err(f"checkpoint error: {e}", 1)
     written = [out]
     if len(args.run_dirs) == 1:
         flow = plots.plot_gradient_flow(args.run_dirs[0], os.path.join(args.run_dirs[0], "gradient_flow.png"))

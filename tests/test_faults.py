@@ -11,7 +11,7 @@ from jbptt import cli
 from jbptt.experiment.config import ConfigError, load_config, parse_config
 from jbptt.experiment.runner import train
 from tests import test_runner  # noqa: F401 (registers the test_nan_after estimator)
-from tests.runner_helpers import tiny_raw, write_config
+from tests.runner_helpers import metrics_without_time, tiny_raw, write_config
 
 
 def run_cli(*args):
@@ -78,3 +78,24 @@ def test_skipping_non_finite_steps_halts_after_a_bound(tmp_path):
     assert "no checkpoint has been written" in summary["message"] or "is left as it was" in summary["message"]
     with pytest.raises(ConfigError, match="training.max_consecutive_skips"):
         parse_config(tiny_raw(tmp_path, training={"max_consecutive_skips": 0}))
+
+
+def test_a_truncated_last_metrics_line_is_trimmed_on_resume_and_skipped_by_plot(tmp_path):
+    raw = tiny_raw(tmp_path, training={"steps": 10, "checkpoint_every": 5})
+    config = write_config(tmp_path / "c.yaml", raw)
+    run = tmp_path / "r"
+    assert run_cli("run", config, "--run-dir", run, "--quiet")[0] == 0
+    metrics = run / "metrics.jsonl"
+    complete = metrics_without_time(run)
+    metrics.write_text(metrics.read_text() + '{"step": 11, "split": "tr')  # killed mid-write
+    with pytest.warns(RuntimeWarning, match="incomplete last line"):
+        code, out, err = run_cli("plot", run, "--out", tmp_path / "p.png")
+    assert code == 0 and os.path.exists(tmp_path / "p.png"), err
+    with pytest.warns(RuntimeWarning, match="incomplete last line"):
+        code, out, err = run_cli("run", "--resume", run, "training.steps=15", "--quiet")
+    assert code == 0, err
+    resumed = metrics_without_time(run)  # every line parses again
+    assert resumed[: len(complete)] == complete and max(r["step"] for r in resumed) == 15
+    metrics.write_text('{"step": 1\n' + metrics.read_text())  # a bad line before the last: a clear error
+    code, _, err = run_cli("plot", run, "--out", tmp_path / "q.png")
+    assert code == 1 and "line 1 is not a JSON record" in err

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 import jax
 
@@ -61,12 +62,28 @@ def open_run_dir(cfg: Config, run_dir: str | None, *, resume: bool = False, writ
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The records of ``metrics.jsonl`` in a run folder."""
+    """The records of ``metrics.jsonl`` in a run folder.
+
+    A last line cut short (a run killed mid-write) is skipped with a ``RuntimeWarning``.
+
+    Raises:
+      CheckpointError: a line before the last one is not a JSON record.
+    """
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k < len(lines) - 1:
+                raise ckpt.CheckpointError(f"{path}: line {i} is not a JSON record ({e})") from None
+            warnings.warn(f"{path}: skipping the incomplete last line {i} (a run stopped while writing it)",
+                          RuntimeWarning, stacklevel=2)
+    return records
 
 
 def truncate_metrics(run_dir: str, last_step: int) -> None:
