@@ -6,10 +6,15 @@ one.
 ``load(path, target)`` restores into the structure of ``target`` and checks every leaf's shape and dtype, so a
 corrupt file or a checkpoint of another model gives one clear :class:`CheckpointError`.
 Typed PRNG keys (``jax.random.key``) are stored as their raw key data and rebuilt on load.
+
+A file written by :func:`save` is a header line ``JBPTT-CKPT sha256 <hex digest>`` and the msgpack bytes; :func:`load`
+verifies the digest, so bytes overwritten anywhere in the file (which msgpack may well read without complaint) give
+a :class:`CheckpointError`. Files without the header (written before it existed) load unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
@@ -87,9 +92,23 @@ def from_bytes(target, data: bytes, *, name: str = "checkpoint"):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
 
 
+MAGIC = b"JBPTT-CKPT sha256 "
+
+
 def save(path: str, tree) -> None:
-    """Writes ``tree`` to ``path`` atomically."""
-    atomic_write(path, to_bytes(tree))
+    """Writes ``tree`` to ``path`` atomically, with the SHA-256 of its bytes in a header line."""
+    data = to_bytes(tree)
+    atomic_write(path, MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+
+
+def _verified(data: bytes, name: str) -> bytes:
+    """The msgpack bytes of a checkpoint file, its checksum verified (files without a header: as they are)."""
+    if not data.startswith(MAGIC):
+        return data
+    digest, sep, payload = data[len(MAGIC):].partition(b"\n")
+    if not sep or hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CheckpointError(f"{name} is corrupt: its SHA-256 checksum does not match its contents")
+    return payload
 
 
 def load(path: str, target):
@@ -99,4 +118,5 @@ def load(path: str, target):
             data = f.read()
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
-    return from_bytes(target, data, name=f"checkpoint {path}")
+    name = f"checkpoint {path}"
+    return from_bytes(target, _verified(data, name), name=name)

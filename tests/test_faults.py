@@ -5,8 +5,11 @@ import io
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
+from jbptt import checkpoint as ckpt
 from jbptt import cli
 from jbptt.experiment.config import ConfigError, load_config, parse_config
 from jbptt.experiment.runner import train
@@ -99,3 +102,20 @@ def test_a_truncated_last_metrics_line_is_trimmed_on_resume_and_skipped_by_plot(
     metrics.write_text('{"step": 1\n' + metrics.read_text())  # a bad line before the last: a clear error
     code, _, err = run_cli("plot", run, "--out", tmp_path / "q.png")
     assert code == 1 and "line 1 is not a JSON record" in err
+
+
+def test_a_checkpoint_corrupted_in_the_middle_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.normal(size=(16, 16)), "b": rng.normal(size=16).astype(np.float32), "k": jax.random.key(3)}
+    path = str(tmp_path / "c.msgpack")
+    ckpt.save(path, tree)
+    back = ckpt.load(path, tree)
+    np.testing.assert_array_equal(back["w"], tree["w"])
+    data = bytearray(open(path, "rb").read())
+    mid = len(data) // 2  # inside w's float64 bytes: msgpack itself would read them without complaint
+    data[mid: mid + 8] = bytes(8)
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="checksum"):
+        ckpt.load(path, tree)
+    open(path, "wb").write(ckpt.to_bytes(tree))  # a checkpoint written before checksums: still loads
+    np.testing.assert_array_equal(ckpt.load(path, tree)["b"], tree["b"])
