@@ -1,6 +1,6 @@
 """The ``jbptt`` command line (also ``python -m jbptt``).
 
-    jbptt run CONFIG [key.path=value ...] [--run-dir DIR] [--quiet]
+    jbptt run CONFIG [key.path=value ...] [--run-dir DIR [--overwrite]] [--quiet]
     jbptt run --resume RUN_DIR [training.steps=N ...] [--quiet]
     jbptt sample RUN_DIR [--prompt TEXT] [--length N] [--temperature T] [--seed S] [--checkpoint last|best]
     jbptt plot RUN_DIR [RUN_DIR ...] [--out FILE] [--metric NAME]
@@ -50,6 +50,8 @@ def _err(msg: str, code: int) -> int:
 def _run(args) -> int:
     try:
         if args.resume:
+            if args.run_dir is not None or args.overwrite:
+                return _err("--resume continues the run in its own folder: it takes no --run-dir or --overwrite", 2)
             if args.config is not None:
                 args.overrides.insert(0, args.config)
             bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(RESUME_OVERRIDABLE)]
@@ -67,7 +69,8 @@ def _run(args) -> int:
         else:
             source = args.config
         cfg = load_config(source, args.overrides)
-        summary = train(cfg, args.resume or args.run_dir, resume=bool(args.resume), quiet=args.quiet, source=source)
+        summary = train(cfg, args.resume or args.run_dir, resume=bool(args.resume), quiet=args.quiet, source=source,
+                        overwrite=args.overwrite)
     except ConfigError as e:
         return _err(f"config error: {e}", 2)
     except CheckpointError as e:
@@ -141,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=3e-4 model.hidden=128")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     r.add_argument("--run-dir", help="run folder (default: <logging.root>/<name>-<timestamp>)")
+    r.add_argument("--overwrite", action="store_true", help="replace the run already in --run-dir (if any)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     s = sub.add_parser("sample", help="generate text from a character-level run")
     s.add_argument("run_dir")

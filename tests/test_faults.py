@@ -119,3 +119,20 @@ def test_a_checkpoint_corrupted_in_the_middle_is_refused(tmp_path):
         ckpt.load(path, tree)
     open(path, "wb").write(ckpt.to_bytes(tree))  # a checkpoint written before checksums: still loads
     np.testing.assert_array_equal(ckpt.load(path, tree)["b"], tree["b"])
+
+
+def test_run_dir_of_an_existing_run_is_refused_unless_overwrite(tmp_path):
+    run = tmp_path / "r"
+    first = write_config(tmp_path / "a.yaml", tiny_raw(tmp_path, training={"steps": 5, "eval_every": 5}))
+    other = write_config(tmp_path / "b.yaml", tiny_raw(tmp_path, model={"hidden": 4}, training={"steps": 4}))
+    assert run_cli("run", first, "--run-dir", run, "--quiet")[0] == 0
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, _, err = run_cli("run", other, "--run-dir", run, "--quiet")
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+    code, _, err = run_cli("run", other, "--run-dir", run, "--overwrite", "--quiet")
+    assert code == 0, err
+    assert load_config(str(run / "config.yaml")).model.hidden == 4
+    assert max(r["step"] for r in metrics_without_time(run)) == 4
+    code, _, err = run_cli("run", "--resume", run, "--run-dir", tmp_path / "x")
+    assert code == 2 and "--resume" in err and not (tmp_path / "x").exists()

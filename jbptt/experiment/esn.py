@@ -94,7 +94,7 @@ def fit_readout(core: Cell, params, task, key, *, batch_size: int, fit_batches: 
 
 
 def fit_esn(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quiet: bool = True,
-            source: str = "<config>") -> dict:
+            source: str = "<config>", overwrite: bool = False) -> dict:
     """Fits the ESN readout of ``cfg`` and writes a run folder (``config.yaml``, one ``val`` line in
     ``metrics.jsonl``, ``checkpoints/best.msgpack``, ``summary.json``). Returns the summary.
 
@@ -109,7 +109,7 @@ def fit_esn(cfg: Config, run_dir: str | None = None, *, resume: bool = False, qu
     model = build_model(cfg, source)
     opts = {**ESN_OPTIONS, **cfg.estimator.options}
     core = CELLS["esn"](cfg.model.hidden, dtype=float_dtype(cfg, source), **cfg.model.options)
-    run_dir = rundir.open_run_dir(cfg, run_dir, resume=resume)
+    run_dir = rundir.open_run_dir(cfg, run_dir, resume=resume, overwrite=overwrite)
     t0 = time.monotonic()
     keys, t = run_keys(cfg.seed), cfg.training
     params = model.cell.init(keys.init, model.task.input_size)

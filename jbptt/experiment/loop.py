@@ -253,7 +253,7 @@ def run_steps(sess: Session, state, step: int, progress: rundir.Progress) -> Out
 
 
 def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quiet: bool = True,
-                      source: str = "<config>") -> dict:
+                      source: str = "<config>", overwrite: bool = False) -> dict:
     """Trains the model of ``cfg`` with its gradient estimator; see :func:`jbptt.experiment.runner.train`.
 
     Needs ``jax_enable_x64`` on for a float64 config (``runner.train`` scopes it). Returns the summary.
@@ -265,7 +265,7 @@ def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool =
     make_batch = batch_fn(exp, keys)
     s = start(exp, keys, make_batch)
     loop = make_loop(exp, s, make_batch, source)
-    run_dir = rundir.open_run_dir(cfg, run_dir, resume=resume, write=main)
+    run_dir = rundir.open_run_dir(cfg, run_dir, resume=resume, write=main, overwrite=overwrite)
 
     host_state, book, best_params = checkpoint_template(exp, keys, s)
     if resume:

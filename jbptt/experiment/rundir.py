@@ -35,14 +35,31 @@ def new_run_dir(cfg: Config) -> str:
     return path
 
 
-def open_run_dir(cfg: Config, run_dir: str | None, *, resume: bool = False, write: bool = True) -> str:
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "gradient_flow.json", "curves.png", "gradient_flow.png")
+"""The files a run writes in its folder (besides ``checkpoints/``); ``--overwrite`` removes them."""
+
+
+def _clear_run(run_dir: str) -> None:
+    """Removes the files of the run in ``run_dir`` (only those a run writes)."""
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.unlink(os.path.join(run_dir, name))
+    folder = os.path.join(run_dir, "checkpoints")
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.endswith(".msgpack"):
+            os.unlink(os.path.join(folder, name))
+
+
+def open_run_dir(cfg: Config, run_dir: str | None, *, resume: bool = False, write: bool = True,
+                 overwrite: bool = False) -> str:
     """The run folder of a run: ``run_dir`` (or a new one), created with ``config.yaml`` and an empty
     ``metrics.jsonl``; with ``resume`` an existing run folder whose ``config.yaml`` is rewritten from ``cfg`` (which
     may change the settings a resumed run may change). ``write=False`` (processes other than 0) writes nothing.
+    ``overwrite``: a run already in ``run_dir`` is removed first (its files only, see :data:`RUN_FILES`).
 
     Raises:
       CheckpointError: ``resume`` and ``run_dir`` holds no run.
-      ConfigError: not ``resume`` and ``run_dir`` already holds a run (it is never overwritten).
+      ConfigError: not ``resume`` or ``overwrite`` and ``run_dir`` already holds a run.
     """
     if resume:
         if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.yaml")):
@@ -53,8 +70,10 @@ def open_run_dir(cfg: Config, run_dir: str | None, *, resume: bool = False, writ
     run_dir = run_dir or new_run_dir(cfg)
     if write:
         if os.path.exists(os.path.join(run_dir, "config.yaml")):
-            raise ConfigError("--run-dir", f"{run_dir} already holds a run; continue it with --resume or choose "
-                              "another folder", "<command line>")
+            if not overwrite:
+                raise ConfigError("--run-dir", f"{run_dir} already holds a run; continue it with --resume, replace "
+                                  "it with --overwrite or choose another folder", "<command line>")
+            _clear_run(run_dir)
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
         ckpt.atomic_write(os.path.join(run_dir, "metrics.jsonl"), "")

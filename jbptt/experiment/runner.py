@@ -27,7 +27,8 @@ from jbptt.experiment.loop import STATUS_EXIT_CODES, train_by_gradient
 __all__ = ["FITTERS", "STATUS_EXIT_CODES", "load_run", "start_processes", "train"]
 
 FITTERS = {"esn": esn.fit_esn}
-"""Estimators that are fitted without gradients, by name: ``fit(cfg, run_dir, *, resume, quiet, source) -> summary``
+"""Estimators that are fitted without gradients, by name: ``fit(cfg, run_dir, *, resume, quiet, source, overwrite)
+-> summary``
 writes a run folder (and checks its own options). Every other ``estimator.name`` is a registered gradient
 estimator trained by :func:`jbptt.experiment.loop.train_by_gradient`."""
 
@@ -43,7 +44,7 @@ def start_processes(cfg: Config) -> bool:
 
 
 def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quiet: bool = True,
-          source: str = "<config>") -> dict:
+          source: str = "<config>", overwrite: bool = False) -> dict:
     """Trains (or fits) the model of ``cfg`` and returns the run's summary (also written to ``summary.json``).
 
     The whole run executes with ``jax_enable_x64`` scoped to ``model.dtype`` (on for float64, off otherwise;
@@ -55,6 +56,7 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quie
         run: its checkpoint is restored and training continues; ``cfg`` (the run's ``config.yaml``, possibly with
         new ``training.steps`` or logging settings) is written back to the folder.
       quiet: no progress bar on stderr.
+      overwrite: replace a run already in ``run_dir`` (not resuming; otherwise that is a ConfigError).
       source: the config's file name, for error messages.
 
     Returns:
@@ -68,7 +70,7 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quie
     start_processes(cfg)
     fit = FITTERS.get(cfg.estimator.name, train_by_gradient)
     with precision(cfg.model.dtype):
-        return fit(cfg, run_dir, resume=resume, quiet=quiet, source=source)
+        return fit(cfg, run_dir, resume=resume, quiet=quiet, source=source, overwrite=overwrite)
 
 
 def load_run(run_dir: str, which: str = "last"):
