@@ -11,6 +11,7 @@ import pytest
 
 from jbptt import checkpoint as ckpt
 from jbptt import cli
+from jbptt.experiment import rundir
 from jbptt.experiment.config import ConfigError, load_config, parse_config
 from jbptt.experiment.runner import train
 from tests import test_runner  # noqa: F401 (registers the test_nan_after estimator)
@@ -136,3 +137,15 @@ def test_run_dir_of_an_existing_run_is_refused_unless_overwrite(tmp_path):
     assert max(r["step"] for r in metrics_without_time(run)) == 4
     code, _, err = run_cli("run", "--resume", run, "--run-dir", tmp_path / "x")
     assert code == 2 and "--resume" in err and not (tmp_path / "x").exists()
+
+
+def test_a_second_resume_of_a_running_run_is_refused(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    write_config(run / "config.yaml", tiny_raw(tmp_path))  # a run folder (the lock is taken before anything else)
+    with rundir.run_lock(str(run)):  # what a first `jbptt run --resume` holds while it trains
+        code, _, err = run_cli("run", "--resume", run, "training.steps=4", "--quiet")
+        assert code == 2 and "in use by another jbptt process" in err and f"pid {os.getpid()}" in err
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]  # the refused resume wrote nothing
+    with rundir.run_lock(str(run)):  # released when its holder is done
+        pass

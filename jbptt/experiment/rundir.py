@@ -9,6 +9,7 @@ time, machine), ``gradient_flow.json`` (``||dL/dh_t||`` against ``t`` at the sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,11 @@ import jax
 
 from jbptt import checkpoint as ckpt
 from jbptt.experiment.config import Config, ConfigError, dump_config
+
+try:
+    import fcntl
+except ImportError:  # not on POSIX: no run locks
+    fcntl = None
 
 
 def new_run_dir(cfg: Config) -> str:
@@ -78,6 +84,37 @@ def open_run_dir(cfg: Config, run_dir: str | None, *, resume: bool = False, writ
         ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
         ckpt.atomic_write(os.path.join(run_dir, "metrics.jsonl"), "")
     return run_dir
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str):
+    """Holds an exclusive lock on ``<run_dir>/.lock`` (``flock``: released when the process ends, however it ends)
+    for the body, so a second process resuming the same run is refused instead of writing duplicate records.
+
+    Raises:
+      ConfigError: another process holds the lock, or the folder cannot be written.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = os.path.join(run_dir, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError("--resume", f"cannot write to the run folder {run_dir}: {e.strerror or e}",
+                          "<command line>") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            raise ConfigError("--resume", f"{run_dir} is in use by another jbptt process (pid {pid})",
+                              "<command line>") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_metrics(run_dir: str) -> list[dict]:

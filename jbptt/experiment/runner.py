@@ -13,13 +13,14 @@ folder is described in :mod:`jbptt.experiment.rundir`; :func:`load_run` reads on
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
 
 from jbptt import checkpoint as ckpt
 from jbptt import parallel
-from jbptt.experiment import esn, loop
+from jbptt.experiment import esn, loop, rundir
 from jbptt.experiment.build import build, build_model, float_dtype, precision, run_keys
 from jbptt.experiment.config import Config, load_config
 from jbptt.experiment.loop import STATUS_EXIT_CODES, train_by_gradient
@@ -66,10 +67,12 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quie
     Raises:
       ConfigError: before anything is written, for any problem with the config.
       CheckpointError: when resuming from a missing, corrupt or mismatched checkpoint.
+      ConfigError: also when resuming a run another process is running (a lock in the run folder).
     """
     start_processes(cfg)
     fit = FITTERS.get(cfg.estimator.name, train_by_gradient)
-    with precision(cfg.model.dtype):
+    locked = resume and run_dir is not None and os.path.isdir(run_dir) and jax.process_index() == 0
+    with precision(cfg.model.dtype), rundir.run_lock(run_dir) if locked else contextlib.nullcontext():
         return fit(cfg, run_dir, resume=resume, quiet=quiet, source=source, overwrite=overwrite)
 
 
