@@ -149,3 +149,19 @@ def test_a_second_resume_of_a_running_run_is_refused(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]  # the refused resume wrote nothing
     with rundir.run_lock(str(run)):  # released when its holder is done
         pass
+
+
+@pytest.mark.parametrize("how", ["file in the way", "read-only"])
+def test_an_unwritable_runs_folder_is_a_clear_error(tmp_path, how):
+    root = tmp_path / "runs"
+    if how == "file in the way":
+        root.write_text("")  # logging.root is a file: the run folder cannot be made under it
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only folders")
+        root.mkdir()
+        root.chmod(0o555)
+    config = write_config(tmp_path / "c.yaml", tiny_raw(root))
+    code, _, err = run_cli("run", config, "--quiet")
+    assert code == 2 and "cannot write the run folder" in err and ": logging.root: " in err, err
+    assert "Traceback" not in err

@@ -71,19 +71,32 @@ def open_run_dir(cfg: Config, run_dir: str | None, *, resume: bool = False, writ
         if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.yaml")):
             raise ckpt.CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
         if write:
-            ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
+            with _writable(run_dir, "--resume"):
+                ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
         return run_dir
+    where = "--run-dir" if run_dir else "logging.root"
     run_dir = run_dir or new_run_dir(cfg)
     if write:
         if os.path.exists(os.path.join(run_dir, "config.yaml")):
             if not overwrite:
                 raise ConfigError("--run-dir", f"{run_dir} already holds a run; continue it with --resume, replace "
                                   "it with --overwrite or choose another folder", "<command line>")
+        with _writable(run_dir, where):
             _clear_run(run_dir)
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
-        ckpt.atomic_write(os.path.join(run_dir, "metrics.jsonl"), "")
+            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+            ckpt.atomic_write(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
+            ckpt.atomic_write(os.path.join(run_dir, "metrics.jsonl"), "")
     return run_dir
+
+
+@contextlib.contextmanager
+def _writable(run_dir: str, key: str):
+    """Turns an ``OSError`` (a read-only or missing parent folder, a file in the way) into a ConfigError."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(key, f"cannot write the run folder {run_dir}: {e.strerror or e}"
+                          + (f" ({e.filename})" if e.filename else ""), "<command line>") from None
 
 
 @contextlib.contextmanager
