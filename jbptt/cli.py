@@ -35,6 +35,7 @@ RESUME_OVERRIDABLE = (
     "training.patience",
     "training.eval_every",
     "training.checkpoint_every",
+    "training.keep_checkpoints",
     "logging.",
     "parallel.coordinator_address",  # how the processes of a multi-process run are launched
     "parallel.num_processes",
@@ -75,6 +76,9 @@ def _run(args) -> int:
         return _err(f"config error: {e}", 2)
     except CheckpointError as e:
         return _err(f"checkpoint error: {e}", 1)
+    except KeyboardInterrupt:  # SIGINT before the training loop handles it (start-up, compilation)
+        return _err("interrupted (SIGINT) outside the training loop; a run folder already written holds a "
+                    "checkpoint from step 0 on: continue it with `jbptt run --resume RUN_DIR`", 130)
     print(_describe(summary))
     if summary.get("message"):
         print(summary["message"], file=sys.stderr)

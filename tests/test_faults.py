@@ -11,7 +11,7 @@ import pytest
 
 from jbptt import checkpoint as ckpt
 from jbptt import cli
-from jbptt.experiment import rundir
+from jbptt.experiment import loop, rundir
 from jbptt.experiment.config import ConfigError, load_config, parse_config
 from jbptt.experiment.runner import train
 from tests import test_runner  # noqa: F401 (registers the test_nan_after estimator)
@@ -165,3 +165,27 @@ def test_an_unwritable_runs_folder_is_a_clear_error(tmp_path, how):
     code, _, err = run_cli("run", config, "--quiet")
     assert code == 2 and "cannot write the run folder" in err and ": logging.root: " in err, err
     assert "Traceback" not in err
+
+
+def test_sigint_at_start_up_step_0_checkpoint_and_keep_checkpoints(tmp_path, monkeypatch):
+    run, ck = tmp_path / "r", tmp_path / "r" / "checkpoints"
+    raw = tiny_raw(tmp_path, training={"steps": 3, "eval_every": 3, "checkpoint_every": 1, "keep_checkpoints": 2})
+    config = write_config(tmp_path / "c.yaml", raw)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # SIGINT after the folder is written, before the loop's own handler is on
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "run_steps", interrupted)
+        code, _, err = run_cli("run", config, "--run-dir", run, "--quiet")
+    assert code == 130 and "interrupted (SIGINT)" in err and "Traceback" not in err
+    assert sorted(os.listdir(ck)) == ["last.msgpack"]  # the step-0 checkpoint
+    (ck / "last.msgpack").unlink()  # as if killed before it: the run restarts from step 0
+    code, _, err = run_cli("run", "--resume", run, "--quiet")
+    assert code == 0, err
+    assert sorted(os.listdir(ck)) == ["best.msgpack", "last.msgpack", "step-00000002.msgpack"]  # keep 2
+    (ck / "last.msgpack").write_bytes(b"JBPTT-CKPT sha256 0\n")  # one bad save: the kept one is used
+    with pytest.warns(RuntimeWarning, match="resuming from .*step-00000002"):
+        code, _, err = run_cli("run", "--resume", run, "training.steps=4", "--quiet")
+    assert code == 0, err
+    assert [r["step"] for r in metrics_without_time(run) if r["split"] == "val"] == [3, 4]

@@ -109,7 +109,9 @@ class TrainingConfig:
     """Steps, batches, evaluation, early stopping (``patience`` evaluations without improvement of the task's
     headline metric on the validation split), checkpointing, and what a NaN/Inf does (``halt`` or
     ``skip``; a skipping run halts after ``max_consecutive_skips`` skipped steps in a row). A NaN/Inf validation
-    metric always halts the run before anything is saved."""
+    metric always halts the run before anything is saved. A run checkpoints at step 0 and every
+    ``checkpoint_every`` steps; ``keep_checkpoints: N`` keeps the last N of them (``last.msgpack`` and
+    ``step-<step>.msgpack``), and a resume whose last checkpoint is corrupt falls back to the newest good one."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -121,6 +123,7 @@ class TrainingConfig:
     checkpoint_every: int = 500
     on_nan: str = "halt"
     max_consecutive_skips: int = 10
+    keep_checkpoints: int = 1
 
 
 @dataclass
@@ -415,7 +418,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         need(getattr(o, name) >= 0, f"optimizer.{name}", f"must be >= 0, got {getattr(o, name)}")
     t = cfg.training
     for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "eval_batches", "checkpoint_every",
-                 "max_consecutive_skips"):
+                 "max_consecutive_skips", "keep_checkpoints"):
         need(getattr(t, name) >= 1, f"training.{name}", f"must be >= 1, got {getattr(t, name)}")
     need(
         t.patience is None or t.patience >= 1, "training.patience", f"must be >= 1 or null, got {t.patience}"

@@ -14,11 +14,13 @@ from ``time``).
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -150,11 +152,17 @@ class Session:
         return time.monotonic() - self.t0
 
     def save_last(self, state) -> None:
-        """Checkpoints ``(train state, bookkeeping, best params)`` to ``last.msgpack``."""
+        """Checkpoints ``(train state, bookkeeping, best params)`` to ``last.msgpack``; with ``keep_checkpoints``
+        N > 1 the previous one becomes ``step-<step>.msgpack`` and only the newest N - 1 of those are kept."""
         self.book["elapsed"] = np.float64(self.elapsed())
         host = self.loop.gather(state)  # a collective: every process gathers, process 0 writes
+        last, keep = self.path("checkpoints", "last.msgpack"), self.exp.config.training.keep_checkpoints
         if self.main:
-            ckpt.save(self.path("checkpoints", "last.msgpack"), (host, self.book, self.best_params))
+            if keep > 1 and self.saved_step not in (None, int(host.step)) and os.path.exists(last):
+                os.replace(last, self.path("checkpoints", f"step-{self.saved_step:08d}.msgpack"))
+                for old in older_checkpoints(self.run_dir)[keep - 1:]:
+                    os.unlink(old)
+            ckpt.save(last, (host, self.book, self.best_params))
         self.saved_step = int(host.step)
 
     def record(self, loss: float, gnorm: float) -> None:
@@ -252,6 +260,35 @@ def run_steps(sess: Session, state, step: int, progress: rundir.Progress) -> Out
 # The whole run.
 
 
+def older_checkpoints(run_dir: str) -> list[str]:
+    """The ``checkpoints/step-<step>.msgpack`` files kept besides ``last.msgpack``, newest first."""
+    return sorted(glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "step-*.msgpack")), reverse=True)
+
+
+def restore(run_dir: str, template):
+    """The newest checkpoint of ``run_dir`` that loads: ``last.msgpack``, else (with a warning) the newest kept
+    ``step-<step>.msgpack``; ``None`` when the run has none (it was stopped before its step-0 checkpoint).
+
+    Raises:
+      CheckpointError: checkpoints exist but none loads (the error of the newest).
+    """
+    paths = [p for p in [os.path.join(run_dir, "checkpoints", "last.msgpack"), *older_checkpoints(run_dir)]
+             if os.path.exists(p)]
+    errors = []
+    for path in paths:
+        try:
+            restored = ckpt.load(path, template)
+        except ckpt.CheckpointError as e:
+            errors.append(e)
+            continue
+        if errors:
+            warnings.warn(f"{errors[0]}; resuming from {path} instead", RuntimeWarning, stacklevel=2)
+        return restored
+    if errors:
+        raise errors[0]
+    return None
+
+
 def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quiet: bool = True,
                       source: str = "<config>", overwrite: bool = False) -> dict:
     """Trains the model of ``cfg`` with its gradient estimator; see :func:`jbptt.experiment.runner.train`.
@@ -268,13 +305,13 @@ def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool =
     run_dir = rundir.open_run_dir(cfg, run_dir, resume=resume, write=main, overwrite=overwrite)
 
     host_state, book, best_params = checkpoint_template(exp, keys, s)
-    if resume:
-        last = os.path.join(run_dir, "checkpoints", "last.msgpack")
-        host_state, book, best_params = ckpt.load(last, (host_state, book, best_params))
+    restored = restore(run_dir, (host_state, book, best_params)) if resume else None
+    if restored is not None:
+        host_state, book, best_params = restored
         if not np.array_equal(book["data_key"], jax.random.key_data(keys.data)):
-            raise ckpt.CheckpointError(f"checkpoint {last} was written by a run with another seed")
-        if main:
-            rundir.truncate_metrics(run_dir, int(host_state.step))
+            raise ckpt.CheckpointError(f"the checkpoints of {run_dir} were written by a run with another seed")
+    if resume and main:
+        rundir.truncate_metrics(run_dir, int(host_state.step))
     first = int(host_state.step)
 
     flow = make_gradient_flow(exp, keys.flow, lg.gradient_flow_batch) if lg.gradient_flow else None
@@ -282,7 +319,9 @@ def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool =
     eval_fn = make_eval_fn(exp)
     evaluate = make_evaluator(exp, "val", t.eval_batch_size, t.eval_batches, keys.eval, eval_fn)
     sess = Session(exp, loop, run_dir, main, book, best_params, evaluate, rundir.MetricsLog(run_dir, main),
-                   time.monotonic() - float(book["elapsed"]), first if resume else None)
+                   time.monotonic() - float(book["elapsed"]), first if restored is not None else None)
+    if sess.saved_step is None:  # a step-0 checkpoint: a run stopped at any point from here on can be resumed
+        sess.save_last(loop.place(host_state))
     progress = rundir.Progress(t.steps, first, quiet or not main)
     session_t0 = time.monotonic()
     try:
