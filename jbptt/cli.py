@@ -1,7 +1,7 @@
 """The ``jbptt`` command line (also ``python -m jbptt``).
 
-    jbptt run CONFIG [key.path=value ...] [--run-dir DIR [--overwrite]] [--quiet]
-    jbptt run --resume RUN_DIR [training.steps=N ...] [--quiet]
+    jbptt run CONFIG [key.path=value ...] [--run-dir DIR [--overwrite]] [--quiet] [--print-config]
+    jbptt run --resume RUN_DIR [training.steps=N ...] [--quiet] [--print-config]
     jbptt sample RUN_DIR [--prompt TEXT] [--length N] [--temperature T] [--seed S] [--checkpoint last|best]
     jbptt plot RUN_DIR [RUN_DIR ...] [--out FILE] [--metric NAME]
     jbptt compare ...                 (the estimator-comparison harness, :mod:`~jbptt.experiment.compare`)
@@ -12,23 +12,17 @@ bad arguments (nothing is written), 128 + signal number when SIGINT/SIGTERM stop
 Precision: ``run`` and ``compare`` scope ``jax_enable_x64`` to each run's ``model.dtype`` themselves; ``sample``
 runs the whole command inside that scope (:func:`jbptt.experiment.build.precision`). No command switches it for
 the process.
+
+Start-up: this module imports the experiment layer (and with it JAX) only inside the command that needs it, so
+``--help``, ``--version`` and argument errors answer without loading it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
-
-import jax
-
-from jbptt.checkpoint import CheckpointError
-from jbptt.experiment import compare, plots
-from jbptt.experiment.build import precision
-from jbptt.experiment.config import ConfigError, load_config
-from jbptt.experiment.runner import STATUS_EXIT_CODES, load_run, train
-from jbptt.experiment.sampling import generate
-from jbptt.tasks import text
 
 RESUME_OVERRIDABLE = (
     "training.steps",
@@ -48,7 +42,18 @@ def _err(msg: str, code: int) -> int:
     return code
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("jbptt")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout that is not installed
+        return "unknown"
+
+
 def _run(args) -> int:
+    from jbptt.checkpoint import CheckpointError
+    from jbptt.experiment.config import ConfigError, dump_config, load_config
+    from jbptt.experiment.runner import STATUS_EXIT_CODES, train
+
     try:
         if args.resume:
             if args.run_dir is not None or args.overwrite:
@@ -70,6 +75,9 @@ def _run(args) -> int:
         else:
             source = args.config
         cfg = load_config(source, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
         summary = train(cfg, args.resume or args.run_dir, resume=bool(args.resume), quiet=args.quiet, source=source,
                         overwrite=args.overwrite)
     except ConfigError as e:
@@ -100,6 +108,15 @@ def _describe(summary: dict) -> str:
 
 
 def _sample(args) -> int:
+    import jax
+
+    from jbptt.checkpoint import CheckpointError
+    from jbptt.experiment.build import precision
+    from jbptt.experiment.config import ConfigError, load_config
+    from jbptt.experiment.runner import load_run
+    from jbptt.experiment.sampling import generate
+    from jbptt.tasks import text
+
     if args.length < 1 or args.temperature <= 0:
         return _err("--length must be >= 1 and --temperature > 0", 2)
     path = os.path.join(args.run_dir, "config.yaml")
@@ -124,6 +141,9 @@ def _sample(args) -> int:
 
 
 def _plot(args) -> int:
+    from jbptt.checkpoint import CheckpointError
+    from jbptt.experiment import plots
+
     for d in args.run_dirs:
         if not os.path.exists(os.path.join(d, "metrics.jsonl")):
             return _err(f"{d} is not a run folder (no metrics.jsonl)", 2)
@@ -142,6 +162,7 @@ def _plot(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jbptt", description="Train and study RNNs with BPTT and its alternatives.")
+    p.add_argument("--version", action="version", version=f"jbptt {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train from a YAML config (or resume a run)")
     r.add_argument("config", nargs="?", help="YAML config file")
@@ -150,6 +171,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="run folder (default: <logging.root>/<name>-<timestamp>)")
     r.add_argument("--overwrite", action="store_true", help="replace the run already in --run-dir (if any)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML, overrides applied) and exit without running")
     s = sub.add_parser("sample", help="generate text from a character-level run")
     s.add_argument("run_dir")
     s.add_argument("--prompt", default="")
@@ -169,6 +192,8 @@ def main(argv=None) -> int:
     """Entry point of the ``jbptt`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
+        from jbptt.experiment import compare
+
         return compare.main(argv[1:]) or 0
     try:
         args = parser().parse_args(argv)

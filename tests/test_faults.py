@@ -1,5 +1,6 @@
 """Faults found by using ``jbptt`` as a user would (issue 14): each one pinned by a test."""
 
+import ast
 import contextlib
 import io
 import json
@@ -8,6 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from jbptt import checkpoint as ckpt
 from jbptt import cli
@@ -189,3 +191,24 @@ def test_sigint_at_start_up_step_0_checkpoint_and_keep_checkpoints(tmp_path, mon
         code, _, err = run_cli("run", "--resume", run, "training.steps=4", "--quiet")
     assert code == 0, err
     assert [r["step"] for r in metrics_without_time(run) if r["split"] == "val"] == [3, 4]
+
+
+def test_version_print_config_and_a_cli_that_loads_jax_only_when_needed(tmp_path, capsys):
+    import jbptt.cli as cli_module
+
+    with pytest.raises(SystemExit) as e:
+        cli.parser().parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("jbptt ")
+    raw = tiny_raw(tmp_path / "runs", model={"hidden": 5})
+    config = write_config(tmp_path / "c.yaml", raw)
+    code, out, err = run_cli("run", config, "optimizer.lr=0.5", "--print-config")
+    assert code == 0, err
+    assert parse_config(yaml.safe_load(out)) == load_config(config, ["optimizer.lr=0.5"])
+    assert not (tmp_path / "runs").exists()  # nothing ran, nothing was written
+    # --help, --version and argument errors answer without the experiment layer: cli imports it lazily.
+    with open(cli_module.__file__) as f:
+        tree = ast.parse(f.read())
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in top if isinstance(n, ast.ImportFrom)]
+    assert names and not [m for m in names if m.split(".")[0] in ("jbptt", "jax", "flax", "optax", "matplotlib")]
