@@ -84,9 +84,11 @@ def _run(args) -> int:
         return _err(f"config error: {e}", 2)
     except CheckpointError as e:
         return _err(f"checkpoint error: {e}", 1)
+    except OSError as e:  # a disk that fills up or turns read-only during the run
+        return _err(f"cannot write: {e}", 1)
     except KeyboardInterrupt:  # SIGINT before the training loop handles it (start-up, compilation)
-        return _err("interrupted (SIGINT) outside the training loop; a run folder already written holds a "
-                    "checkpoint from step 0 on: continue it with `jbptt run --resume RUN_DIR`", 130)
+        return _err("interrupted (SIGINT) outside the training loop; a run folder already written can be "
+                    "continued with `jbptt run --resume RUN_DIR` (from step 0 if it has no checkpoint yet)", 130)
     print(_describe(summary))
     if summary.get("message"):
         print(summary["message"], file=sys.stderr)
@@ -199,7 +201,10 @@ def main(argv=None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad arguments, 0 for --help
         return int(e.code or 0)
-    return {"run": _run, "sample": _sample, "plot": _plot}[args.command](args)
+    try:
+        return {"run": _run, "sample": _sample, "plot": _plot}[args.command](args)
+    except KeyboardInterrupt:  # SIGINT while importing or loading: one line, no traceback
+        return _err("interrupted (SIGINT)", 130)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ import contextlib
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -212,3 +216,21 @@ def test_version_print_config_and_a_cli_that_loads_jax_only_when_needed(tmp_path
     names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in top if isinstance(n, ast.ImportFrom)]
     assert names and not [m for m in names if m.split(".")[0] in ("jbptt", "jax", "flax", "optax", "matplotlib")]
+
+
+@pytest.mark.slow
+def test_a_real_sigint_during_start_up_exits_130_quietly(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_raw(tmp_path / "runs", training={"steps": 100000}))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, jbptt.cli; sys.exit(jbptt.cli.main())", "run",
+                             config, "--quiet"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "runs").glob("*/config.yaml")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # the folder was just written: the run is starting up (step-0 save, compile)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    (run,) = (tmp_path / "runs").iterdir()
+    code, _, err = run_cli("run", "--resume", run, "training.steps=2", "--quiet")  # not a dead folder
+    assert code == 0, err
