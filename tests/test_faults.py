@@ -36,6 +36,7 @@ def run_cli(*args):
     (["optimizer.options.b1=abc"], "optimizer.options"),
     (["model.cell=lstm", "model.options.forget_bias=abc"], "model.options"),
     (["task.options.dtype=float16"], "task.options.dtype"),
+    (["estimator.name=uoro", "estimator.options.eps=abc"], "estimator.options"),
 ])
 def test_bad_option_values_are_config_errors_before_anything_is_written(tmp_path, overrides, key):
     root = tmp_path / "runs"

@@ -92,6 +92,23 @@ def checkpoint_template(exp: Experiment, keys: RunKeys, s: Start):
     return initial_state(exp, keys, s), bookkeeping(keys), s.params
 
 
+def dry_run(exp: Experiment, keys: RunKeys, s: Start, make_batch, source: str = "<config>"):
+    """The checkpoint template, after the estimator's ``init`` (eagerly) and one training step (abstractly, with
+    ``jax.eval_shape``) have run, so an estimator option value that fails only when used is a
+    :class:`ConfigError` before anything is written. Errors of a run with no estimator options propagate."""
+    step = make_train_step(exp.estimator, exp.optimizer)
+    try:
+        template = checkpoint_template(exp, keys, s)
+        jax.eval_shape(lambda st: step(st, make_batch(0)), template[0])
+    except (TypeError, ValueError) as e:
+        e_cfg = exp.config.estimator
+        if not e_cfg.options:
+            raise
+        raise ConfigError("estimator.options", f"estimator {e_cfg.name!r}: a training step with these options "
+                          f"fails: {type(e).__name__}: {e}", source) from None
+    return template
+
+
 class Loop(NamedTuple):
     """``place(host_state) -> state``, ``step(state, i) -> (state, metrics)`` on batch ``make_batch(i)``,
     ``gather(state) -> host_state`` (a collective in multi-process runs)."""
@@ -302,9 +319,8 @@ def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool =
     make_batch = batch_fn(exp, keys)
     s = start(exp, keys, make_batch)
     loop = make_loop(exp, s, make_batch, source)
+    host_state, book, best_params = dry_run(exp, keys, s, make_batch, source)
     run_dir = rundir.open_run_dir(cfg, run_dir, resume=resume, write=main, overwrite=overwrite)
-
-    host_state, book, best_params = checkpoint_template(exp, keys, s)
     restored = restore(run_dir, (host_state, book, best_params)) if resume else None
     if restored is not None:
         host_state, book, best_params = restored
