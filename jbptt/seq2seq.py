@@ -25,8 +25,13 @@ the encoder outputs ``h_j``: ``e_j = v . tanh(h_j W_k + s W_q + b)``, masked to 
 softmax(e)``, ``context = sum_j a_j h_j``. The context is concatenated to the decoder input (the embedded previous
 token) and to the decoder output that the readout maps to logits.
 
-Everything is safe under ``jit``; ``loss`` and ``logits`` also under ``grad`` and ``vmap``. Real-valued carries
-only (the bridge and the attention query flatten the carry).
+Decoding runs on the device: greedy decoding and beam search are ``lax.while_loop`` s over fixed-size buffers of
+``max_len`` steps (static) that stop once every sequence has produced ``eos``. Beam search prunes by raw
+log-probability and picks the best final beam by ``log_prob / length ** length_penalty`` (GNMT-style length
+normalisation without the +5 offset; ``0`` keeps the raw log-probability, ``1`` is the per-token average).
+
+Everything is safe under ``jit``; ``loss`` and ``logits`` also under ``grad``. Real-valued carries only (the bridge
+and the attention query flatten the carry); cells that take per-step PRNG keys (dropout) are not supported.
 """
 
 from __future__ import annotations
@@ -90,9 +95,11 @@ class Seq2Seq(NamedTuple):
       logits: ``logits(params, src, tgt, src_lengths=None, tgt_lengths=None) -> [B, L, tgt_vocab]`` teacher-forced
         logits (zero past ``tgt_lengths``).
       loss: same arguments; the token cross-entropy averaged over every valid target token of the batch.
-      decode_greedy: ``decode_greedy(params, src, src_lengths=None, *, max_len) -> Decoded`` (with attention).
+      decode_greedy: ``decode_greedy(params, src, src_lengths=None, *, max_len) -> Decoded`` (with attention);
+        jittable with static ``max_len``.
       decode_beam: ``decode_beam(params, src, src_lengths=None, *, max_len, beam_width, length_penalty=0.0) ->
-        Decoded`` (the best beam; no attention).
+        Decoded`` (the best beam; no attention). Jittable with static ``max_len``, ``beam_width``,
+        ``length_penalty``; width 1 is greedy decoding.
     """
 
     init: Callable
