@@ -36,8 +36,10 @@ def _params(kind: str):
     return jax.jit(_model(kind).init)(jax.random.key(0))
 
 
-def _jitted(model):
-    """The model's functions, each compiled once per shape."""
+@functools.cache
+def _jitted(kind: str):
+    """``_model(kind)`` with its functions jitted, shared by the tests so each compiles once per shape."""
+    model = _model(kind)
     decode = ("max_len", "beam_width", "length_penalty")
     return model._replace(encode=jax.jit(model.encode), logits=jax.jit(model.logits), loss=jax.jit(model.loss),
                           decode_greedy=jax.jit(model.decode_greedy, static_argnames=decode[:1]),
@@ -114,7 +116,7 @@ def _sequence_log_prob(model, params, src, sl, tokens, lengths):
 
 @pytest.mark.parametrize(("kind", "eos_bias"), [("plain", 0.1), ("attention", 0.3)])
 def test_greedy_decoding_stops_at_eos_and_scores_its_tokens(kind, eos_bias):
-    model = _jitted(_model(kind))
+    model = _jitted(kind)
     params = dict(_params(kind))
     src, _, sl, _ = _problem(jax.random.key(4), B=3)
     # a readout bias on EOS chosen so that some sequences end at once and others run to max_len (the trained model
@@ -146,7 +148,7 @@ def test_greedy_decoding_stops_at_eos_and_scores_its_tokens(kind, eos_bias):
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
 def test_wide_beam_search_finds_the_best_sequence_by_enumeration(length_penalty, key):
     V, max_len = 5, 3
-    model = _jitted(_model("attention"))
+    model = _jitted("attention")
     params = _params("attention")
     src, _, sl, _ = _problem(jax.random.key(5), B=2, tgt_vocab=V)
     seqs = []  # every possible output: <= max_len tokens ending with EOS, or max_len tokens without one
@@ -170,7 +172,7 @@ def test_wide_beam_search_finds_the_best_sequence_by_enumeration(length_penalty,
 
 @pytest.mark.parametrize("seed", range(3))
 def test_beam_search_scores_at_least_greedy(seed):
-    model = _jitted(_model("attention"))
+    model = _jitted("attention")
     theta, unravel = ravel_pytree(_params("attention"))
     params = unravel(theta + jax.random.normal(jax.random.key(seed), theta.shape, F64))  # another random model
     src, _, sl, _ = _problem(jax.random.key(10 + seed))
