@@ -6,8 +6,11 @@
     jbptt plot RUN_DIR [RUN_DIR ...] [--out FILE] [--metric NAME]
     jbptt compare ...                 (the estimator-comparison harness, :mod:`~jbptt.experiment.compare`)
 
-Exit codes: 0 success (also early stopping), 1 a run halted on a NaN/Inf or a bad checkpoint, 2 a bad config or
-bad arguments (nothing is written), 128 + signal number when SIGINT/SIGTERM stopped a run (after checkpointing).
+Exit codes: 0 success (also early stopping), 1 a run halted on a NaN/Inf (also after ``training.max_consecutive_skips``
+skipped steps) or a bad checkpoint, 2 a bad config or bad arguments (nothing is written: option values are tried
+before the run folder is opened; an existing run in ``--run-dir`` needs ``--overwrite``; a run being resumed by
+another process is refused), 128 + signal number when SIGINT/SIGTERM stopped a run (after checkpointing; 130 for a
+SIGINT before the training loop, a run folder then resumable from its step-0 checkpoint).
 
 Precision: ``run`` and ``compare`` scope ``jax_enable_x64`` to each run's ``model.dtype`` themselves; ``sample``
 runs the whole command inside that scope (:func:`jbptt.experiment.build.precision`). No command switches it for

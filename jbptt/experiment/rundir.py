@@ -4,7 +4,9 @@ A run folder holds ``config.yaml`` (the resolved config: enough to re-run), ``me
 line: ``split`` "train" lines with ``step``, ``loss`` and ``grad_norm`` averaged over the logging interval, ``lr``
 and ``time``; ``split`` "val" lines with the task's metrics), ``summary.json`` (status, final and best metrics, run
 time, machine), ``gradient_flow.json`` (``||dL/dh_t||`` against ``t`` at the start and the end),
-``checkpoints/last.msgpack`` (+ ``best.msgpack``) and PNG plots. Every file is written atomically.
+``checkpoints/last.msgpack`` (+ ``best.msgpack``, and ``step-<step>.msgpack`` with ``training.keep_checkpoints`` >
+1) and PNG plots. Every file is written atomically; a last ``metrics.jsonl`` line cut short by a kill is skipped
+with a warning. ``.lock`` is held (``flock``) by the process resuming the run, so a second one is refused.
 """
 
 from __future__ import annotations
