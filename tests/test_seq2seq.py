@@ -233,9 +233,9 @@ def test_learns_to_reverse_with_attention():
     np.testing.assert_allclose(jnp.sum(out.attention, axis=-1), 1.0 - past, rtol=0, atol=1e-5)
 
 
-@pytest.mark.slow  # the README's example (the README test runs it too); the tests above cover what it calls
+@pytest.mark.slow  # the usage example proposed for the README; the fast tests above cover every call in it
 def test_usage_example():
-    # the README's example
+    # the usage example proposed for the README (issue 13)
     import jax
 
     from jbptt.cells import gru
