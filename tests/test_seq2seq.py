@@ -231,22 +231,3 @@ def test_learns_to_reverse_with_attention():
     past = jnp.arange(8) >= out.lengths[:, None]
     assert bool(jnp.all(jnp.where(past, out.tokens == EOS, True)))
     np.testing.assert_allclose(jnp.sum(out.attention, axis=-1), 1.0 - past, rtol=0, atol=1e-5)
-
-
-@pytest.mark.slow  # the usage example proposed for the README; the fast tests above cover every call in it
-def test_usage_example():
-    # the usage example proposed for the README (issue 13)
-    import jax
-
-    from jbptt.cells import gru
-    from jbptt.seq2seq import seq2seq
-
-    model = seq2seq(gru(32), gru(32), src_vocab=12, tgt_vocab=12, bos=1, eos=0, embed_size=8, attention_size=16)
-    params = model.init(jax.random.key(0))
-    src = jax.random.randint(jax.random.key(1), (8, 10), 2, 12)        # [B, S] tokens
-    tgt = jnp.concatenate([src[:, ::-1], jnp.zeros((8, 1), int)], 1)    # [B, L] reversed, then EOS (=0)
-    src_lengths, tgt_lengths = jnp.full((8,), 10), jnp.full((8,), 11)
-    loss, grads = jax.value_and_grad(model.loss)(params, src, tgt, src_lengths, tgt_lengths)
-    out = model.decode_greedy(params, src, src_lengths, max_len=12)    # tokens [B, 12], lengths [B], attention
-    best = model.decode_beam(params, src, src_lengths, max_len=12, beam_width=4)
-    assert out.attention.shape == (8, 12, 10) and best.tokens.shape == (8, 12) and jnp.isfinite(loss)
