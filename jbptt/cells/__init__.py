@@ -27,11 +27,13 @@ from jbptt.cells.initializers import (
     spectral_radius,
 )
 from jbptt.cells.recurrent import CELLS, diagonal_linear, elman, esn, gru, indrnn, lstm
+from jbptt.cells.sparse import sparse_elman, sparse_gru, sparse_lstm
 
 __all__ = [
     "ACTIVATIONS", "CELLS", "Carry", "Cell", "FusedFn", "INITIALIZERS", "Params", "diagonal_linear", "dropout",
     "elman", "esn", "from_flax", "get_activation", "get_initializer", "glorot", "gru", "identity", "indrnn",
     "learned_initial_carry", "lecun", "lstm", "masked_step", "orthogonal", "params_dtype", "plain",
-    "scale_to_spectral_radius", "scan_steps", "spectral_radius", "split_step_key", "stack", "trainable_mask",
+    "scale_to_spectral_radius", "scan_steps", "sparse_elman", "sparse_gru", "sparse_lstm", "spectral_radius",
+    "split_step_key", "stack", "trainable_mask",
     "with_readout", "zeros_carry",
 ]
