@@ -40,16 +40,19 @@ def test_sparse_equals_masked_dense_and_grads_gather(name):
     assert np.count_nonzero(w) == len(pattern) < w.size  # really sparse, and all values land in the matrix
     for g in range(gates):  # the diagonal of every gate block is kept
         assert np.all(np.diag(w[:, g * H:(g + 1) * H]) != 0)
-    (c_s, y_s), (c_d, y_d) = sp.step(params, carry, x), dn.step(dense, carry, x)
-    for a, b in zip(jax.tree.leaves((c_s, y_s)), jax.tree.leaves((c_d, y_d)), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 
     def loss(step, p):
         c, y = step(p, carry, x)
         return jnp.sum(jnp.sin(y)) + sum(jnp.sum(l ** 2) for l in jax.tree.leaves(c))
 
-    g_s = jax.grad(lambda p: loss(sp.step, p))(params)
-    g_d = jax.grad(lambda p: loss(dn.step, p))(dense)
+    @jax.jit
+    def run(params, dense):
+        return (sp.step(params, carry, x), dn.step(dense, carry, x), jax.grad(lambda p: loss(sp.step, p))(params),
+                jax.grad(lambda p: loss(dn.step, p))(dense))
+
+    out_s, out_d, g_s, g_d = run(params, dense)
+    for a, b in zip(jax.tree.leaves(out_s), jax.tree.leaves(out_d), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
     np.testing.assert_allclose(g_s["w_h_values"], np.asarray(g_d["w_h"]).reshape(-1)[pattern], rtol=0, atol=1e-10)
     for k in params:
         if k != "w_h_values":
@@ -90,24 +93,26 @@ def test_param_count_shrinks_with_density(name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_jvp_and_vmap_of_step(name):
     sp, dn, gates, params, pattern, carry, x = _setup(name, 0.4)
-    tangent = jax.tree.map(lambda a: jnp.ones_like(a) * 0.1, params)
-    f = lambda p: sp.step(p, carry, x)  # noqa: E731
-    (out, dout) = jax.jvp(f, (params,), (tangent,))
-    eps = 1e-6
-    plus = f(jax.tree.map(lambda a, t: a + eps * t, params, tangent))
-    minus = f(jax.tree.map(lambda a, t: a - eps * t, params, tangent))
-    for d, p, m in zip(jax.tree.leaves(dout), jax.tree.leaves(plus), jax.tree.leaves(minus), strict=True):
-        np.testing.assert_allclose(d, (p - m) / (2 * eps), rtol=1e-6, atol=1e-8)
-    # vmap over the batch of the unbatched step equals the batched step; vmap over params too
-    batched = sp.step(params, carry, x)
-    mapped = jax.vmap(lambda c, xi: sp.step(params, c, xi))(carry, x)
-    for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(mapped), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13)
-    stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), params)
-    per = jax.vmap(lambda p: sp.step(p, carry, x))(stacked)
-    second = sp.step(jax.tree.map(lambda a: 2 * a, params), carry, x)
-    for a, b in zip(jax.tree.leaves(per), jax.tree.leaves(second), strict=True):
-        np.testing.assert_allclose(a[1], b, rtol=0, atol=1e-13)
+    rng = np.random.default_rng(3)
+    tangent = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), params)
+
+    @jax.jit
+    def check(params, tangent):
+        # jvp of the sparse step == jvp of the dense step at the densified params along the densified tangent
+        out_s = jax.jvp(lambda p: sp.step(p, carry, x), (params,), (tangent,))
+        out_d = jax.jvp(lambda p: dn.step(p, carry, x), (to_dense_params(params, pattern, H, gates),),
+                        (to_dense_params(tangent, pattern, H, gates),))
+        # vmap over the batch of the unbatched step == the batched step; vmap over stacked params
+        batched = sp.step(params, carry, x)
+        mapped = jax.vmap(lambda c, xi: sp.step(params, c, xi))(carry, x)
+        per = jax.vmap(lambda p: sp.step(p, carry, x))(jax.tree.map(lambda a, t: jnp.stack([a, t]), params, tangent))
+        second = sp.step(tangent, carry, x)
+        return out_s, out_d, batched, mapped, jax.tree.map(lambda a: a[1], per), second
+
+    out_s, out_d, batched, mapped, per, second = check(params, tangent)
+    for a, b in [(out_s, out_d), (batched, mapped), (per, second)]:
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(u, v, rtol=0, atol=1e-12)
 
 
 def test_exact_rtrl_equals_bptt_on_sparse_elman():
