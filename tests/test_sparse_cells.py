@@ -143,3 +143,20 @@ def test_pattern_is_fixed_by_seed():
     assert np.all(np.diff(a) > 0)  # sorted and unique
     w = densify(jnp.arange(1.0, len(a) + 1), a, 16)
     assert w.shape == (16, 16) and np.count_nonzero(np.asarray(w)) == len(a)
+
+
+def test_a_config_builds_a_sparse_cell_by_name():
+    """``model.cell: sparse_elman`` with ``options.density`` builds through the experiment layer (jbptt.cells.CELLS),
+    with fewer parameters than the dense cell; a bad density is a config-time error."""
+    from jbptt.experiment.build import build_model
+    from jbptt.experiment.config import parse_config
+
+    def n_params(cell, density=None):
+        model = {"cell": cell, "hidden": 16} | ({"options": {"density": density}} if density else {})
+        built = build_model(parse_config({"task": {"name": "adding", "options": {"length": 8}}, "model": model}))
+        params = built.cell.init(jax.random.key(0), built.task.input_size)
+        return sum(a.size for a in jax.tree.leaves(params))
+
+    assert n_params("sparse_elman", 0.25) < n_params("elman") - 16 * 16 // 2
+    with pytest.raises(Exception, match="density"):
+        n_params("sparse_elman", 2.0)

@@ -4,6 +4,8 @@
 cells, ``combinators`` the functions from cells to cells, ``initializers`` the initialisers and activations.
 """
 
+from collections.abc import Callable
+
 from jbptt.cells.base import Carry, Cell, FusedFn, Params, masked_step, params_dtype, plain, scan_steps, zeros_carry
 from jbptt.cells.combinators import (
     dropout,
@@ -26,8 +28,22 @@ from jbptt.cells.initializers import (
     scale_to_spectral_radius,
     spectral_radius,
 )
-from jbptt.cells.recurrent import CELLS, diagonal_linear, elman, esn, gru, indrnn, lstm
+from jbptt.cells.recurrent import diagonal_linear, elman, esn, gru, indrnn, lstm
 from jbptt.cells.sparse import sparse_elman, sparse_gru, sparse_lstm
+
+CELLS: dict[str, Callable[..., Cell]] = {
+    "elman": elman,
+    "lstm": lstm,
+    "gru": gru,
+    "diagonal_linear": diagonal_linear,
+    "lru": diagonal_linear,
+    "indrnn": indrnn,
+    "esn": esn,
+    "sparse_elman": sparse_elman,
+    "sparse_lstm": sparse_lstm,
+    "sparse_gru": sparse_gru,
+}
+"""Every cell by the name configs use (``model.cell``); each is ``factory(hidden, **options)``."""
 
 __all__ = [
     "ACTIVATIONS", "CELLS", "Carry", "Cell", "FusedFn", "INITIALIZERS", "Params", "diagonal_linear", "dropout",

@@ -7,7 +7,6 @@ Elman, LSTM and GRU cells are attached by :mod:`jbptt.fused`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -241,14 +240,3 @@ def esn(hidden: int, *, spectral_radius: float = 0.9, leak_rate: float = 1.0, in
         return h, h
 
     return Cell(init, zeros_carry(hidden), step, hidden, hidden)
-
-
-CELLS: dict[str, Callable[..., Cell]] = {
-    "elman": elman,
-    "lstm": lstm,
-    "gru": gru,
-    "diagonal_linear": diagonal_linear,
-    "lru": diagonal_linear,
-    "indrnn": indrnn,
-    "esn": esn,
-}
