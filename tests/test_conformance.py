@@ -77,26 +77,16 @@ def exact(case: Case, z: ZooCell) -> bool:
     if case.id in ("bptt", "tbptt", "rtrl", "rtrl_diagonal"):
         return True
     if case.id in ("snap1", "snap_n1"):
-        return z.elementwise
+        return z.elementwise or z.name == "esn"
     if case.id == "snap2":
         # exact where the 2-step pattern covers the influence, as it does on the zoo's small dense and element-wise
-        # cells; not on a ReLU cell: snap measures the pattern at one random point, where some units are inactive
-        return z.name != "elman_irnn"
+        # cells (the ReLU cell included: snap unions the pattern over several probe points)
+        return True
+    if case.name in ("eprop", "rflo", "kfrtrl"):
+        # an ESN trains only its readout, so no parameter drives a unit: the influence is empty and the gradient
+        # is the readout's immediate one
+        return z.name == "esn"
     return False
-
-
-# Library gaps (the algorithm is defined, jbptt refuses): strict xfails, so that a fix shows up.
-KNOWN_GAPS = {
-    (name, "esn"): "jbptt.estimators.online.unit_rows refuses a cell whose trainable parameters (here only the "
-                   "readout) drive no unit; the influence is then empty and the algorithm exact"
-    for name in ("snap1", "eprop", "rflo", "kfrtrl")
-}
-# Library gaps where jbptt does not refuse an undefined combination (``init`` runs, so ``pytest.raises`` fails).
-NOT_REFUSED = {
-    ("rtrl_diagonal", "elman_irnn"): ("jbptt.estimators.compressed.check_unit_structure probes the carry Jacobian "
-                                      "at one random point, where a ReLU cell's units can all be inactive, so the "
-                                      "coupling between units goes unseen"),
-}
 
 
 # The default run: every estimator on three cells that between them have every property an estimator depends on
@@ -113,10 +103,6 @@ def params_list():
     for c in cases():
         for z in ZOO.values():
             marks = () if z.name in CORE else (pytest.mark.slow,)
-            if (c.id, z.name) in KNOWN_GAPS:
-                marks += (pytest.mark.xfail(strict=True, raises=ValueError, reason=KNOWN_GAPS[c.id, z.name]),)
-            if (c.id, z.name) in NOT_REFUSED:
-                marks += (pytest.mark.xfail(strict=True, reason=NOT_REFUSED[c.id, z.name]),)
             out.append(pytest.param(c, z, True, marks=marks, id=f"{c.id}-{z.name}-jit"))
             if c.id in NOJIT and z.name == NOJIT_CELL:
                 out.append(pytest.param(c, z, False, id=f"{c.id}-{z.name}-nojit"))

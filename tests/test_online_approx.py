@@ -14,6 +14,7 @@ import pytest
 import jbptt
 from jbptt import cells, losses
 from jbptt.estimators.bptt import reference_gradient
+from jbptt.estimators.online import unit_rows
 from jbptt.testing import random_problem
 
 TOL = 1e-10
@@ -74,6 +75,18 @@ def test_snap2_equals_rtrl_on_dense_elman_and_snap1_does_not(key):
     g_rtrl, g_snap2, g_snap1 = gradients(ELMAN, params, batch, ("rtrl", {}), ("snap2", {}), ("snap1", {}))
     assert float(relative_error(g_snap2, g_rtrl)) <= TOL
     assert float(relative_error(g_snap1, g_rtrl)) > 1e-3
+
+
+def test_compressed_estimators_are_exact_on_an_esn(key):
+    """An ESN trains only its readout: no parameter drives a unit, the compressed influence is empty (``[0, N]``
+    rows) and SnAp-1 / KF-RTRL / e-prop return the exact gradient."""
+    cell = cells.with_readout(cells.esn(4, density=1.0), 2)
+    params, batch = problem(cell, key, resets=True)
+    assert unit_rows(cell, params).idx.shape == (0, 4)
+    g_ref, *gs = gradients(cell, params, batch, ("bptt_reference", {}), ("snap1", {}), ("kfrtrl", {}),
+                           ("eprop", {}))
+    for g in gs:
+        assert float(relative_error(g, g_ref)) <= TOL
 
 
 @pytest.mark.slow

@@ -148,6 +148,17 @@ def test_diagonal_path_rejects_dense_cells(key):
     check_unit_structure(cells.indrnn(4), problem(cells.indrnn(4), key)[0], batch.inputs[0, 0])
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_diagonal_check_sees_couplings_hidden_at_one_point(seed):
+    """A ReLU Elman cell whose units are inactive at most points (bias -3) is still refused: the check unions the
+    carry Jacobian over several probe points (one random point, as before, saw no coupling at these seeds)."""
+    cell = cells.elman(3, activation="relu", recurrent_init="identity")
+    _, params, batch = random_problem(cell, jax.random.key(seed), B=1, T=1, input_size=2, output_size=3)
+    params = {**params, "b": params["b"] - 3.0}
+    with pytest.raises(ValueError, match="element-wise"):
+        check_unit_structure(cell, params, batch.inputs[0, 0], key=jax.random.key(seed))
+
+
 def test_diagonal_influence_is_linear_in_n():
     """The compressed influence of an element-wise cell holds O(P) numbers, not O(P n)."""
     for n in (8, 64):

@@ -23,6 +23,7 @@ from jbptt.estimators.online import (
     check_on_example,
     flat_step,
     online_estimator,
+    step_jacobian_support,
     unit_rows,
 )
 from jbptt.losses import LossFn
@@ -102,7 +103,7 @@ def compressed_core(rows: UnitRows, block: Callable | None, *, readout: Callable
             blocks = block(unit_blocks(d_cols.T, rows.C, rows.N), fs, theta, s, x)
             R = rows.idx.shape[0]
             prop = jnp.einsum("jcd,rdj->rcj", blocks, trace.reshape(R, rows.C, rows.N))
-            new = prop.reshape(R, -1) + m
+            new = prop.reshape(R, rows.C * rows.N) + m
         if readout is not None:
             s_new = f(theta, s)[0]
             y, vjp = jax.vjp(lambda th, sn: readout(fs.params(th), fs.unravel_carry(sn), x), theta, s_new)
@@ -117,17 +118,18 @@ def compressed_core(rows: UnitRows, block: Callable | None, *, readout: Callable
 
 
 def check_unit_structure(cell: Cell, params, x, *, key=None, atol: float = 0.0):
-    """Checks on a random carry that ``cell`` is element-wise, as ``rtrl(diagonal=True)`` needs.
+    """Checks at random probe points that ``cell`` is element-wise, as ``rtrl(diagonal=True)`` needs.
 
     Element-wise means: the carry Jacobian is block-diagonal per unit and every parameter drives only its own unit
-    (:func:`~jbptt.estimators.online.unit_rows`). ``x`` is one example's input (e.g. ``[I]``). Raises
+    (:func:`~jbptt.estimators.online.unit_rows`). The Jacobians are unioned over several perturbed points around
+    ``(params, x)`` (:func:`~jbptt.estimators.online.step_jacobian_support`), so that a coupling hidden at one point
+    (a ReLU unit that is inactive there) is still seen. ``x`` is one example's input (e.g. ``[I]``). Raises
     ``ValueError`` naming the violation; call it eagerly (outside ``jit``).
     """
     rows = unit_rows(cell, params)
     fs = flat_step(cell, params)
     key = jax.random.key(0) if key is None else key
-    s = jax.random.normal(key, (fs.n,), fs.theta.dtype)
-    M, D = jax.jit(jax.jacfwd(lambda th, ss: fs.step(th, ss, x)[0], argnums=(0, 1)))(fs.theta, s)
+    M, D = jax.jit(lambda th, xx, k: step_jacobian_support(fs, th, xx, k))(fs.theta, x, key)
     C, N = rows.C, rows.N
     unit = np.arange(C * N) % N
     off = np.abs(np.asarray(D))[unit[:, None] != unit[None, :]]

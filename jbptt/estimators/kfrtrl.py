@@ -31,7 +31,9 @@ __all__ = ["check_rank_one", "kfrtrl"]
 
 
 def _rank_one(m):
-    """``m [R, N] = a ⊗ psi`` read off the row of largest norm (exact when ``m`` has rank one)."""
+    """``m [R, N] = a ⊗ psi`` read off the row of largest norm (exact when ``m`` has rank one; zeros if ``R = 0``)."""
+    if m.shape[0] == 0:  # no trainable parameter drives a unit (an ESN): the influence is empty
+        return m[:, 0], jnp.zeros(m.shape[1:], m.dtype)
     r = jnp.argmax(jnp.sum(m * m, axis=1))
     psi = m[r]
     a = m @ psi / jnp.maximum(jnp.sum(psi * psi), jnp.finfo(m.dtype).tiny)

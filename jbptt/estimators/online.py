@@ -10,7 +10,9 @@ Every online estimator runs the segment step by step and keeps, next to the cell
   gradient) and :func:`online_estimator`, the :class:`~jbptt.estimator.GradientEstimator` around it;
 - the dense influence ``[P, n]`` of exact RTRL and SnAp-n (:func:`dense_core`, :func:`dense_trace0`), the layout
   :func:`unit_rows` of the compressed per-unit influence (its cores are in :mod:`.compressed`) and the size guard
-  :func:`influence_bytes` / :func:`check_influence_size`.
+  :func:`influence_bytes` / :func:`check_influence_size`;
+- :func:`step_jacobian_support`: the step's Jacobian magnitudes maximised over several random probe points (the
+  structure checks and SnAp patterns read sparsity from it, so one point's inactive ReLU units cannot hide it).
 
 Online learning: ``update`` returns the exact (or estimated) gradient of the segment's loss and the state at its
 end. With ``stateful=True`` the next ``update`` continues from there, so feeding short segments (see
@@ -282,7 +284,8 @@ class UnitRows(NamedTuple):
 
 def unit_rows(cell: Cell, params) -> UnitRows:
     """Builds :class:`UnitRows` for ``cell`` at ``params`` (arrays or ``jax.ShapeDtypeStruct``: only shapes are
-    read). Raises if the carry is not ``C x [N]``."""
+    read). Raises if the carry is not ``C x [N]``. ``idx`` is ``[0, N]`` when no trainable leaf drives a unit
+    (e.g. an ESN whose reservoir is fixed): every compressed algorithm is then defined, with an empty influence."""
     carry = jax.eval_shape(lambda p: cell.initial_carry(p, ()), params)
     shapes = {tuple(jnp.shape(c)) for c in jax.tree_util.tree_leaves(carry)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
@@ -303,10 +306,42 @@ def unit_rows(cell: Cell, params) -> UnitRows:
             pos = offset + np.arange(size).reshape(-1, shape[-1] // N, N)
             rows.append(pos.reshape(-1, N))
         offset += size
-    if not rows:
-        raise ValueError(f"no parameter leaf has a last axis that is a multiple of the {N} units")
-    return UnitRows(np.concatenate(rows).astype(np.int32), C, N)
+    # no row (e.g. an ESN: only a readout is trained): the influence is empty, ``[0, C*N]``, and exactly zero
+    idx = np.concatenate(rows) if rows else np.zeros((0, N), np.int64)
+    return UnitRows(idx.astype(np.int32), C, N)
 
+
+
+def step_jacobian_support(fs: FlatStep, theta, x, key, *, pairs: int = 4, scale: float = 3.0):
+    """Entry-wise maxima of ``|ds'/dtheta|`` and ``|ds'/ds|`` of the step over random probe points (jit-safe).
+
+    One point can hide structure (a ReLU unit inactive there has a zero row), so the Jacobians are taken at
+    ``2 * pairs`` points: ``theta + 0.1 z``, ``s = ±c z'``, ``x ± c z''`` (antithetic pairs, so that a unit whose
+    pre-activation is dominated by ``s`` and ``x`` is active at one point of each pair), with scales ``c`` from
+    ``1 / scale`` to ``scale``. Integer inputs are not perturbed.
+
+    Args:
+      fs: the flat view of the cell; ``theta``: ``[P]``; ``x``: one example's input; ``key``: PRNG key.
+
+    Returns:
+      ``(M [n, P], D [n, n])``, the maxima of the absolute Jacobian entries over the probes.
+    """
+    fx = lambda a: jnp.issubdtype(a.dtype, jnp.floating)
+
+    def probe(acc, inp):
+        k, c, sign = inp
+        k1, k2, k3 = jax.random.split(k, 3)
+        th = theta + 0.1 * jax.random.normal(k1, theta.shape, theta.dtype)
+        s = sign * c * jax.random.normal(k2, (fs.n,), theta.dtype)
+        xs = jax.tree.map(lambda a: a + sign * c * jax.random.normal(k3, jnp.shape(a), a.dtype) if fx(a) else a, x)
+        M, D = jax.jacfwd(lambda t, ss: fs.step(t, ss, xs)[0], argnums=(0, 1))(th, s)
+        return (jnp.maximum(acc[0], jnp.abs(M)), jnp.maximum(acc[1], jnp.abs(D))), None
+
+    keys = jnp.repeat(jax.random.split(key, pairs), 2, axis=0)  # the same z for both points of a pair
+    scales = jnp.repeat(jnp.geomspace(1.0 / scale, scale, pairs), 2).astype(theta.dtype)
+    signs = jnp.tile(jnp.asarray([1.0, -1.0], theta.dtype), pairs)
+    zeros = (jnp.zeros((fs.n, fs.P), theta.dtype), jnp.zeros((fs.n, fs.n), theta.dtype))
+    return jax.lax.scan(probe, zeros, (keys, scales, signs))[0]
 
 
 DEFAULT_MAX_INFLUENCE_BYTES = 2 << 30

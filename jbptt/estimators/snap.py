@@ -8,7 +8,7 @@ and ``pattern_n`` marks the entries of ``J`` that are non-zero after ``n`` steps
   ``D`` reduced to its per-unit blocks (``[N, C, C]``; LSTM keeps the ``(h, c)`` block of each unit). It equals
   exact RTRL on element-wise cells (diagonal linear / LRU, IndRNN). Needs a carry of ``C`` leaves of shape ``[N]``.
 - ``snap2`` / ``snap`` with ``n``: stored as a masked dense ``[P, n]`` influence (same cost as dense RTRL; the
-  pattern is what is being studied). The pattern is measured on a random perturbation of the segment's first step.
+  pattern is what is being studied). The pattern is measured at random perturbations of the segment's first step.
   For a fully dense Elman cell SnAp-2 is exact RTRL.
 
 The gradient of step ``t`` contracts the loss cotangent of the carry entering the step with the sparse ``J_{t-1}``
@@ -37,6 +37,7 @@ from jbptt.estimators.online import (
     init_state,
     online_estimator,
     online_segment,
+    step_jacobian_support,
     unit_rows,
 )
 from jbptt.losses import LossFn
@@ -45,22 +46,21 @@ __all__ = ["snap", "snap1", "snap2", "snap_pattern"]
 
 
 def snap_pattern(fs: FlatStep, theta, x, n_steps: int, key):
-    """The SnAp-n pattern ``[P, n]`` (booleans) measured at a random perturbation of ``(theta, s, x)``.
+    """The SnAp-n pattern ``[P, n]`` (booleans) measured at random perturbations of ``(theta, s, x)``.
 
     The entries of ``J`` that ``n`` steps can make non-zero, starting from the immediate influence ``M`` and from
-    ``J_0 = d s_0 / d theta`` (a learned initial carry): ``bool(sum_{k<n} |D|^k (|M| + |J_0|))``.
+    ``J_0 = d s_0 / d theta`` (a learned initial carry): ``bool(sum_{k<n} |D|^k (|M| + |J_0|))``. ``M`` and ``D``
+    are unioned over several probe points (:func:`~jbptt.estimators.online.step_jacobian_support`), so a unit that
+    is inactive at one point (ReLU) does not drop its entries from the pattern.
 
     Args:
       fs: the flat view of the cell; ``x``: one example's input; ``key``: PRNG key for the perturbation.
     """
-    k1, k2, k3 = jax.random.split(key, 3)
-    th = theta + 0.1 * jax.random.normal(k1, theta.shape, theta.dtype)
-    s = jax.random.normal(k2, (fs.n,), theta.dtype)
-    x = jax.tree.map(lambda a: a + jax.random.normal(k3, jnp.shape(a), a.dtype)
-                     if jnp.issubdtype(a.dtype, jnp.floating) else a, x)
-    M, D = jax.jacfwd(lambda t, ss: fs.step(t, ss, x)[0], argnums=(0, 1))(th, s)
-    a = ((jnp.abs(M) + jnp.abs(jax.jacfwd(fs.carry0)(th))) > 0).astype(theta.dtype)
-    d = (jnp.abs(D) > 0).astype(theta.dtype)
+    k1, k2 = jax.random.split(key)
+    M, D = step_jacobian_support(fs, theta, x, k1)
+    th = theta + 0.1 * jax.random.normal(k2, theta.shape, theta.dtype)
+    a = ((M + jnp.abs(jax.jacfwd(fs.carry0)(th))) > 0).astype(theta.dtype)
+    d = (D > 0).astype(theta.dtype)
     acc = a
     for _ in range(n_steps - 1):
         a = jnp.minimum(d @ a, 1.0)
