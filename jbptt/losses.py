@@ -26,13 +26,23 @@ def cross_entropy(logits, labels):
     return logz - picked
 
 
+def _same_shape(name: str, pred, target):
+    """One clear error when predictions and targets differ in shape (instead of a silent broadcast)."""
+    if jnp.shape(pred) != jnp.shape(target):
+        raise ValueError(f"{name}: predictions have shape {jnp.shape(pred)} but targets have shape "
+                         f"{jnp.shape(target)}; they must match (check the model's output size)")
+
+
 def mse(pred, target):
-    """Squared error averaged over the last axis. ``pred, target: [..., D]``; returns ``[...]``."""
+    """Squared error averaged over the last axis. ``pred, target: [..., D]`` (same shape); returns ``[...]``."""
+    _same_shape("mse", pred, target)
     return jnp.mean(jnp.square(pred - target), axis=-1)
 
 
 def binary_cross_entropy(logits, target):
-    """Sigmoid cross-entropy averaged over the last axis. ``logits, target: [..., D]``; returns ``[...]``."""
+    """Sigmoid cross-entropy averaged over the last axis. ``logits, target: [..., D]`` (same shape); returns
+    ``[...]``."""
+    _same_shape("binary_cross_entropy", logits, target)
     return jnp.mean(jnp.logaddexp(0.0, logits) - logits * target, axis=-1)
 
 

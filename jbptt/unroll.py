@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jbptt.batch import batch_and_time, sequence_mask, time_major
@@ -77,6 +78,7 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
     B, T = batch_and_time(xs)
     if carry is None:
         carry = cell.initial_carry(params, (B,))
+    _check_inputs(cell, params, xs, carry, seq_lengths, B, T)
     valid = None if seq_lengths is None else sequence_mask(seq_lengths, T).T  # [T, B]
     reset = None
     if resets is not None:
@@ -101,6 +103,30 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
     carry, ys = scan_steps(cell, params, time_major(xs), carry, valid, reset, scan=scan or lax.scan,
                            reverse=reverse, unroll=unroll)
     return carry, time_major(ys)
+
+
+def _check_inputs(cell: Cell, params, xs, carry, seq_lengths, B: int, T: int):
+    """One clear ``ValueError`` naming the shapes for a carry of another batch size, a step the inputs do not fit
+    (e.g. a wrong input size or time-major inputs), or concrete ``seq_lengths`` outside ``[0, T]``. Under ``jit``
+    the lengths are traced and not checked: lengths above ``T`` then act as ``T`` and negative ones as 0."""
+    shapes = lambda tree: [tuple(jnp.shape(a)) for a in jax.tree.leaves(tree)]
+    if any(jnp.ndim(a) < 1 or jnp.shape(a)[0] != B for a in jax.tree.leaves(carry)):
+        raise ValueError(f"unroll: the carry (leaf shapes {shapes(carry)}) must have the batch size B = {B} of "
+                         f"xs (batch-major [B, T, ...], leaf shapes {shapes(xs)})")
+    x0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct((B,) + jnp.shape(a)[2:], jnp.result_type(a)), xs)
+    try:
+        jax.eval_shape(cell.step, params, carry, x0)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"unroll: the cell's step does not accept one time step of xs (leaf shapes "
+                         f"{shapes(x0)} from xs {shapes(xs)}, batch-major [B, T, ...]) with the carry "
+                         f"{shapes(carry)}: {e}") from None
+    if seq_lengths is not None:
+        if jnp.shape(seq_lengths) != (B,):
+            raise ValueError(f"unroll: seq_lengths must have shape [B] = {(B,)}, got {jnp.shape(seq_lengths)}")
+        if not isinstance(seq_lengths, jax.core.Tracer):
+            lengths = np.asarray(seq_lengths)
+            if lengths.min() < 0 or lengths.max() > T:
+                raise ValueError(f"unroll: seq_lengths must lie in [0, T = {T}], got {lengths.tolist()}")
 
 
 def _one_dtype(params, carry, xs) -> bool:

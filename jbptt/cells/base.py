@@ -16,6 +16,7 @@ it, and every reference in jbptt runs the plain cell. The fused cells live in :m
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -60,6 +61,17 @@ class Cell(NamedTuple):
     hidden_size: int
     output_size: int
     fused: FusedFn | None = None
+
+
+def check_size(name: str, size) -> int:
+    """Returns ``size`` if it is a positive int, else raises one clear ``ValueError`` naming the cell."""
+    try:
+        value = operator.index(size)
+    except TypeError:
+        value = None
+    if value is None or isinstance(size, bool) or value < 1:
+        raise ValueError(f"{name}: the state size must be a positive int, got {size!r}")
+    return value
 
 
 def plain(cell: Cell) -> Cell:

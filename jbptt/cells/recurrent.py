@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbptt.cells.base import Cell, params_dtype, zeros_carry
+from jbptt.cells.base import Cell, check_size, params_dtype, zeros_carry
 from jbptt.cells.initializers import get_activation, get_initializer, scale_to_spectral_radius
 
 
@@ -32,6 +32,7 @@ def elman(hidden: int, *, activation: str = "tanh", recurrent_init="orthogonal",
     Returns:
       A :class:`Cell` with params ``{"w_x": [I, H], "w_h": [H, H], "b": [H]}``, carry ``[*batch, H]``.
     """
+    check_size("elman", hidden)
     act = get_activation(activation)
     rinit, iinit = get_initializer(recurrent_init), get_initializer(input_init)
 
@@ -65,6 +66,7 @@ def lstm(hidden: int, *, forget_bias: float = 1.0, recurrent_init="orthogonal", 
     Returns:
       A :class:`Cell` whose carry is ``(h, c)``, each ``[*batch, H]``, and ``y = h'``.
     """
+    check_size("lstm", hidden)
     rinit, iinit = get_initializer(recurrent_init), get_initializer(input_init)
 
     def init(key, input_size):
@@ -102,6 +104,7 @@ def gru(hidden: int, *, recurrent_init="orthogonal", input_init="lecun", dtype=j
     Returns:
       A :class:`Cell` with carry ``[*batch, H]`` and ``y = h'``.
     """
+    check_size("gru", hidden)
     rinit, iinit = get_initializer(recurrent_init), get_initializer(input_init)
 
     def init(key, input_size):
@@ -143,6 +146,7 @@ def diagonal_linear(hidden: int, output_size: int | None = None, *, complex_valu
       A :class:`Cell` with carry ``(re, im)`` (``[*batch, N]`` each; ``im`` absent for real cells) and
       ``y: [*batch, output_size]``.
     """
+    check_size("diagonal_linear", hidden)
     out = hidden if output_size is None else output_size
 
     def init(key, input_size):
@@ -192,6 +196,7 @@ def indrnn(hidden: int, *, activation: str = "relu", recurrent_max: float = 1.0,
     Returns:
       A :class:`Cell` with params ``{"w": [I, H], "u": [H], "b": [H]}`` and carry ``[*batch, H]``.
     """
+    check_size("indrnn", hidden)
     act = get_activation(activation)
     iinit = get_initializer(input_init)
 
@@ -222,6 +227,7 @@ def esn(hidden: int, *, spectral_radius: float = 0.9, leak_rate: float = 1.0, in
     Returns:
       A :class:`Cell` with carry ``[*batch, H]`` and ``y = h'``.
     """
+    check_size("esn", hidden)
     if not 0.0 < leak_rate <= 1.0:
         raise ValueError(f"esn leak_rate must be in (0, 1], got {leak_rate}")
 
