@@ -17,6 +17,25 @@ from jbptt.cells.base import Cell, check_size, params_dtype, zeros_carry
 from jbptt.cells.initializers import get_activation, get_initializer, scale_to_spectral_radius
 
 
+def lstm_update(z, c):
+    """The LSTM's gate nonlinearities: pre-activations ``z [..., 4H]`` (``[i, f, g, o]``) and cell state
+    ``c [..., H]`` -> ``(h, c)`` of the next step."""
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+def gru_update(zx, zh, h):
+    """The GRU's gates (cuDNN form): input and recurrent pre-activations ``zx, zh [..., 3H]`` (``[r, z, n]``, biases
+    included) and ``h [..., H]`` -> the next ``h``."""
+    xr, xz, xn = jnp.split(zx, 3, axis=-1)
+    hr, hz, hn = jnp.split(zh, 3, axis=-1)
+    r = jax.nn.sigmoid(xr + hr)
+    z = jax.nn.sigmoid(xz + hz)
+    n = jnp.tanh(xn + r * hn)
+    return (1.0 - z) * n + z * h
+
+
 def elman(hidden: int, *, activation: str = "tanh", recurrent_init="orthogonal", input_init="lecun",
           recurrent_scale: float = 1.0, dtype=jnp.float32) -> Cell:
     """Elman RNN: ``h' = act(x W_x + h W_h + b)``; ``y = h'``.
@@ -82,9 +101,7 @@ def lstm(hidden: int, *, forget_bias: float = 1.0, recurrent_init="orthogonal", 
     def step(params, carry, x):
         h, c = carry
         z = x @ params["w_x"] + h @ params["w_h"] + params["b"]
-        i, f, g, o = jnp.split(z, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        h, c = lstm_update(z, c)
         return (h, c), h
 
     return Cell(init, initial_carry, step, 2 * hidden, hidden)
@@ -116,12 +133,7 @@ def gru(hidden: int, *, recurrent_init="orthogonal", input_init="lecun", dtype=j
     def step(params, h, x):
         zx = x @ params["w_x"] + params["b_x"]
         zh = h @ params["w_h"] + params["b_h"]
-        xr, xz, xn = jnp.split(zx, 3, axis=-1)
-        hr, hz, hn = jnp.split(zh, 3, axis=-1)
-        r = jax.nn.sigmoid(xr + hr)
-        z = jax.nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * hn)
-        h = (1.0 - z) * n + z * h
+        h = gru_update(zx, zh, h)
         return h, h
 
     return Cell(init, zeros_carry(hidden), step, hidden, hidden)

@@ -28,6 +28,7 @@ import numpy as np
 
 from jbptt.cells.base import Cell, params_dtype, zeros_carry
 from jbptt.cells.initializers import get_activation, get_initializer
+from jbptt.cells.recurrent import gru_update, lstm_update
 
 _GATES = {"elman": 1, "lstm": 4, "gru": 3}
 
@@ -158,9 +159,7 @@ def sparse_lstm(hidden: int, *, density: float, seed: int = 0, forget_bias: floa
     def step(params, carry, x):
         h, c = carry
         z = x @ params["w_x"] + h @ densify(params["w_h_values"], pattern, hidden, 4) + params["b"]
-        i, f, g, o = jnp.split(z, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        h, c = lstm_update(z, c)
         return (h, c), h
 
     return Cell(init, initial_carry, step, 2 * hidden, hidden)
@@ -188,12 +187,7 @@ def sparse_gru(hidden: int, *, density: float, seed: int = 0, recurrent_init="or
     def step(params, h, x):
         zx = x @ params["w_x"] + params["b_x"]
         zh = h @ densify(params["w_h_values"], pattern, hidden, 3) + params["b_h"]
-        xr, xz, xn = jnp.split(zx, 3, axis=-1)
-        hr, hz, hn = jnp.split(zh, 3, axis=-1)
-        r = jax.nn.sigmoid(xr + hr)
-        z = jax.nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * hn)
-        h = (1.0 - z) * n + z * h
+        h = gru_update(zx, zh, h)
         return h, h
 
     return Cell(init, zeros_carry(hidden), step, hidden, hidden)
