@@ -8,7 +8,8 @@ and ``pattern_n`` marks the entries of ``J`` that are non-zero after ``n`` steps
   ``D`` reduced to its per-unit blocks (``[N, C, C]``; LSTM keeps the ``(h, c)`` block of each unit). It equals
   exact RTRL on element-wise cells (diagonal linear / LRU, IndRNN). Needs a carry of ``C`` leaves of shape ``[N]``.
 - ``snap2`` / ``snap`` with ``n``: stored as a masked dense ``[P, n]`` influence (same cost as dense RTRL; the
-  pattern is what is being studied). The pattern is measured at random perturbations of the segment's first step.
+  pattern is what is being studied). ``init`` measures the pattern once, at random perturbations of the first step of
+  its example ``inputs``, and keeps it in the state.
   For a fully dense Elman cell SnAp-2 is exact RTRL.
 
 The gradient of step ``t`` contracts the loss cotangent of the carry entering the step with the sparse ``J_{t-1}``
@@ -17,6 +18,8 @@ built on :func:`jbptt.estimators.compressed.compressed_core` without a ``readout
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +45,7 @@ from jbptt.estimators.online import (
 )
 from jbptt.losses import LossFn
 
-__all__ = ["snap", "snap1", "snap2", "snap_pattern"]
+__all__ = ["SnapState", "snap", "snap1", "snap2", "snap_pattern"]
 
 
 def snap_pattern(fs: FlatStep, theta, x, n_steps: int, key):
@@ -68,6 +71,16 @@ def snap_pattern(fs: FlatStep, theta, x, n_steps: int, key):
     return (acc > 0).T
 
 
+class SnapState(NamedTuple):
+    """State of :func:`snap`: an :class:`~jbptt.estimators.online.OnlineState` (``carry``, ``trace``, ``key``) plus
+    the SnAp-n ``pattern`` ``[P, n]`` (booleans), measured once by ``init``."""
+
+    carry: Any
+    trace: Any
+    key: jax.Array
+    pattern: jax.Array
+
+
 @register_estimator("snap")
 def snap(cell: Cell, loss_fn: LossFn, *, n: int = 2, stateful: bool = False,
          max_influence_bytes: int | None = DEFAULT_MAX_INFLUENCE_BYTES) -> GradientEstimator:
@@ -79,24 +92,33 @@ def snap(cell: Cell, loss_fn: LossFn, *, n: int = 2, stateful: bool = False,
       max_influence_bytes: the largest influence matrix (whole batch) ``init`` accepts; ``None`` for no limit.
 
     Returns:
-      A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState`; ``update`` measures the
-      pattern on the segment's first input (with a key from the state) and is safe under ``jit``.
+      A :class:`GradientEstimator` with :class:`SnapState`. ``init(params, carry, *, key=None, inputs=...)`` needs
+      ``inputs`` (an example of the segment inputs) to measure the pattern; ``update`` is safe under ``jit``.
     """
     if n < 1:
         raise ValueError(f"snap: n must be >= 1, got {n}")
 
+    def masked(pattern):
+        return lambda fs, th, k: jnp.where(pattern, dense_trace0(fs, th, k), 0.0)
+
     def init(params, carry, *, key=None, inputs=None):
+        if inputs is None:
+            raise ValueError(f"snap (n={n}): init needs inputs= (an example of the segment inputs, leaves [B, T, ...]) "
+                             "to measure the SnAp pattern")
         B = batch_size(carry)
         check_influence_size(influence_bytes(cell, params, B), max_influence_bytes, f"SnAp-{n} masked dense, batch {B}")
-        return init_state(cell, params, carry, dense_trace0, key)
-
-    def update(params, state: OnlineState, batch):
+        key = jax.random.key(0) if key is None else key
         fs = flat_step(cell, params)
-        x0 = jax.tree.map(lambda a: a[0, 0], batch.inputs)
-        mask = snap_pattern(fs, fs.theta, x0, n, jax.random.fold_in(state.key, 7))
-        trace0 = lambda fs_, th, k: jnp.where(mask, dense_trace0(fs_, th, k), 0.0)
-        return online_segment(cell, loss_fn, params, state, batch, core=dense_core("jacobian", mask),
-                              trace0=trace0, stateful=stateful)
+        x0 = jax.tree.map(lambda a: a[0, 0], inputs)
+        pattern = jax.jit(lambda th, x, k: snap_pattern(fs, th, x, n, k))(fs.theta, x0, jax.random.fold_in(key, 7))
+        return SnapState(*init_state(cell, params, carry, masked(pattern), key), pattern)
+
+    def update(params, state: SnapState, batch):
+        online = OnlineState(state.carry, state.trace, state.key)
+        loss, grads, online = online_segment(cell, loss_fn, params, online, batch,
+                                             core=dense_core("jacobian", state.pattern),
+                                             trace0=masked(state.pattern), stateful=stateful)
+        return loss, grads, SnapState(*online, state.pattern)
 
     return GradientEstimator(init, update)
 
