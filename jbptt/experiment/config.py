@@ -57,6 +57,9 @@ class ModelConfig:
 
     ``dtype: float64`` runs the whole run with ``jax_enable_x64`` on, scoped to the run (``jax.enable_x64``, see
     :func:`jbptt.experiment.build.precision`); nothing is switched for the rest of the process.
+
+    ``bidirectional``: ``true`` makes every layer bidirectional (a forward and a backward cell of ``hidden`` units
+    each, outputs concatenated), or a list of ``layers`` booleans, one per layer.
     """
 
     cell: str = "lstm"
@@ -68,6 +71,7 @@ class ModelConfig:
     learned_initial_carry: bool = False
     fused: bool | str = "auto"
     dtype: str = "float32"
+    bidirectional: bool | list = False
 
 
 @dataclass
@@ -111,7 +115,12 @@ class TrainingConfig:
     ``skip``; a skipping run halts after ``max_consecutive_skips`` skipped steps in a row). A NaN/Inf validation
     metric always halts the run before anything is saved. A run checkpoints at step 0 and every
     ``checkpoint_every`` steps; ``keep_checkpoints: N`` keeps the last N of them (``last.msgpack`` and
-    ``step-<step>.msgpack``), and a resume whose last checkpoint is corrupt falls back to the newest good one."""
+    ``step-<step>.msgpack``), and a resume whose last checkpoint is corrupt falls back to the newest good one.
+
+    ``chunk: K`` feeds each batch to the estimator in consecutive chunks of ``K`` steps with one optimizer step per
+    chunk, the estimator's state crossing chunks (truncated BPTT over a sequence, online learning with an update
+    every ``K`` steps); ``stateful_stream: true`` makes the chunks consecutive pieces of the task's stream, the state
+    crossing batches too (tasks that provide a stream)."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -124,12 +133,16 @@ class TrainingConfig:
     on_nan: str = "halt"
     max_consecutive_skips: int = 10
     keep_checkpoints: int = 1
+    chunk: int | None = None
+    stateful_stream: bool = False
 
 
 @dataclass
 class LoggingConfig:
     """Run folder ``<root>/<name>-<timestamp>/`` (``name`` defaults to the config file's stem), the logging
-    interval (losses averaged over it), plots, and the gradient-flow profile's batch size."""
+    interval (losses averaged over it), plots, and the gradient-flow profile's batch size. ``tensorboard: true``
+    also writes TensorBoard event files (optional extra ``jbptt[tensorboard]``); ``metrics.jsonl`` stays the source of
+    truth."""
 
     root: str = "runs"
     name: str | None = None
@@ -137,6 +150,7 @@ class LoggingConfig:
     plots: bool = True
     gradient_flow: bool = True
     gradient_flow_batch: int = 32
+    tensorboard: bool = False
 
 
 @dataclass
@@ -191,7 +205,7 @@ SCHEDULES = ("constant", "cosine", "warmup", "warmup_cosine")
 def _type_name(tp) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return {type(None): "null", dict: "mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {type(None): "null", dict: "mapping", list: "list"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(value, tp, path: str, source: str):
@@ -211,6 +225,7 @@ def _coerce(value, tp, path: str, source: str):
         int: isinstance(value, int) and not isinstance(value, bool),
         str: isinstance(value, str),
         dict: isinstance(value, dict),
+        list: isinstance(value, list),
         float: isinstance(value, int | float) and not isinstance(value, bool),
     }[tp]
     if tp is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
@@ -423,6 +438,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(
         t.patience is None or t.patience >= 1, "training.patience", f"must be >= 1 or null, got {t.patience}"
     )
+    need(t.chunk is None or t.chunk >= 1, "training.chunk", f"must be >= 1 or null, got {t.chunk}")
+    bi = cfg.model.bidirectional
+    need(isinstance(bi, bool) or (len(bi) == cfg.model.layers and all(isinstance(b, bool) for b in bi)),
+         "model.bidirectional", f"must be true, false or a list of {cfg.model.layers} booleans (one per layer), "
+         f"got {bi!r}")
     need(t.on_nan in ("halt", "skip"), "training.on_nan", f"must be 'halt' or 'skip', got {t.on_nan!r}")
     need(cfg.logging.log_every >= 1, "logging.log_every", f"must be >= 1, got {cfg.logging.log_every}")
     need(cfg.logging.gradient_flow_batch >= 1, "logging.gradient_flow_batch", "must be >= 1")
