@@ -16,14 +16,15 @@ Precision: ``run`` and ``compare`` scope ``jax_enable_x64`` to each run's ``mode
 runs the whole command inside that scope (:func:`jbptt.experiment.build.precision`). No command switches it for
 the process.
 
-Start-up: this module imports the experiment layer (and with it JAX) only inside the command that needs it, so
-``--help``, ``--version`` and argument errors answer without loading it.
+Start-up: this module imports the experiment layer (and with it JAX) only inside the command that needs it, and the
+package root is lazy, so ``--help``, ``--version``, argument errors and config errors (parsing and
+:func:`~jbptt.experiment.config.validate`, which checks names against :mod:`jbptt.names`) answer without loading JAX
+(about 0.2 s; ``tests/test_startup.py``). Errors found by trying option values on the model load it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import sys
 
@@ -45,19 +46,10 @@ def _err(msg: str, code: int) -> int:
     return code
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("jbptt")
-    except importlib.metadata.PackageNotFoundError:  # a source checkout that is not installed
-        return "unknown"
-
-
 def _run(args) -> int:
-    from jbptt.checkpoint import CheckpointError
     from jbptt.experiment.config import ConfigError, dump_config, load_config
-    from jbptt.experiment.runner import STATUS_EXIT_CODES, train
 
-    try:
+    try:  # parsing and validating a config needs no JAX: config errors answer at once
         if args.resume:
             if args.run_dir is not None or args.overwrite:
                 return _err("--resume continues the run in its own folder: it takes no --run-dir or --overwrite", 2)
@@ -78,12 +70,24 @@ def _run(args) -> int:
         else:
             source = args.config
         cfg = load_config(source, args.overrides)
-        if args.print_config:
-            print(dump_config(cfg), end="")
-            return 0
+    except ConfigError as e:
+        return _err(f"config error: {e}", 2)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    return _train(cfg, args, source)
+
+
+def _train(cfg, args, source: str) -> int:
+    """Trains a parsed config (loads JAX and the library); returns the exit code."""
+    from jbptt.checkpoint import CheckpointError
+    from jbptt.experiment.config import ConfigError
+    from jbptt.experiment.runner import STATUS_EXIT_CODES, train
+
+    try:
         summary = train(cfg, args.resume or args.run_dir, resume=bool(args.resume), quiet=args.quiet, source=source,
                         overwrite=args.overwrite)
-    except ConfigError as e:
+    except ConfigError as e:  # option values tried on the model, a run folder in the way
         return _err(f"config error: {e}", 2)
     except CheckpointError as e:
         return _err(f"checkpoint error: {e}", 1)
@@ -166,8 +170,10 @@ def _plot(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from jbptt import __version__  # the package root is lazy: this loads nothing else
+
     p = argparse.ArgumentParser(prog="jbptt", description="Train and study RNNs with BPTT and its alternatives.")
-    p.add_argument("--version", action="version", version=f"jbptt {_version()}")
+    p.add_argument("--version", action="version", version=f"jbptt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train from a YAML config (or resume a run)")
     r.add_argument("config", nargs="?", help="YAML config file")

@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).parent.parent / "jbptt"
 
 # Lowest first; a module may import only from its own layer or below (README "The pieces").
 LAYERS = [
-    ("batch",),
+    ("batch", "names"),  # names: plain tuples of the registries' names (no imports)
     ("losses", "ctc", "tasks"),
     ("cells",),
     ("fused",),

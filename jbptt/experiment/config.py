@@ -27,8 +27,7 @@ from typing import Any
 
 import yaml
 
-from jbptt.cells import CELLS
-from jbptt.tasks import TASKS
+from jbptt.names import cell_names, task_names
 
 
 class ConfigError(ValueError):
@@ -386,10 +385,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if not ok:
             raise ConfigError(path, problem, source)
 
-    need(cfg.task.name in TASKS, "task.name", f"unknown task {cfg.task.name!r}; choose from {sorted(TASKS)}")
-    need(
-        cfg.model.cell in CELLS, "model.cell", f"unknown cell {cfg.model.cell!r}; choose from {sorted(CELLS)}"
-    )
+    tasks, cells = task_names(), cell_names()
+    need(cfg.task.name in tasks, "task.name", f"unknown task {cfg.task.name!r}; choose from {list(tasks)}")
+    need(cfg.model.cell in cells, "model.cell", f"unknown cell {cfg.model.cell!r}; choose from {list(cells)}")
     need(cfg.model.hidden >= 1, "model.hidden", f"must be >= 1, got {cfg.model.hidden}")
     need(cfg.model.layers >= 1, "model.layers", f"must be >= 1, got {cfg.model.layers}")
     need(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
