@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jbptt import cells, cli
+from jbptt.experiment import rundir
 from jbptt.experiment.build import build_model
 from jbptt.experiment.config import parse_config
 from jbptt.experiment.sampling import generate
@@ -101,3 +102,36 @@ def test_bad_commands_exit_2(capsys):
     assert cli.main(["frobnicate"]) == 2
     assert cli.main(["run"]) == 2
     assert "run needs a CONFIG" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_writes_plain_lines_when_not_a_terminal(monkeypatch):
+    """A log (not a TTY) gets one plain line every ``every`` seconds and the forced last one, no ``\\r`` frames; a
+    terminal gets frames redrawn in place."""
+    clock = iter([0.0, 1.0, 2.0, 3.0, 12.0, 13.0, 13.5, 25.0, 25.0])
+    monkeypatch.setattr(rundir.time, "monotonic", lambda: next(clock))
+    log = io.StringIO()
+    progress = rundir.Progress(total=8, start=0, quiet=False, stream=log, every=10.0)
+    for step, now_loss in zip(range(1, 8), [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], strict=True):
+        progress.update(step, now_loss)  # clock 1, 2, 3, 12, 13, 13.5, 25
+    progress.update(7, 0.3, force=True)  # the last step was just written: not twice
+    progress.close()
+    lines = log.getvalue().split("\n")
+    assert "\r" not in log.getvalue() and lines[-1] == ""
+    assert [line.split()[1] for line in lines[:-1]] == ["4/8", "7/8"]  # at 12 s and 25 s (>= 10 s apart)
+    assert "loss 0.6" in lines[0] and "steps/s" in lines[1] and "ETA" in lines[1]
+    clock = iter([0.0, 1.0, 1.1, 2.0, 3.0, 4.0])
+    monkeypatch.setattr(rundir.time, "monotonic", lambda: next(clock))
+    term = _Terminal()
+    progress = rundir.Progress(total=3, start=0, quiet=False, stream=term)
+    for step in (1, 2, 3):
+        progress.update(step, 0.5, force=step == 3)
+    progress.close()
+    assert term.getvalue().count("\r") == 2 and term.getvalue().endswith("\n")  # steps 1 and 3 (2 came too soon)
+    quiet = io.StringIO()
+    rundir.Progress(total=3, start=0, quiet=True, stream=quiet).update(1, 0.5, force=True)
+    assert quiet.getvalue() == ""

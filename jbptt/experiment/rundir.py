@@ -203,30 +203,52 @@ def machine_info() -> dict:
 
 
 class Progress:
-    """A one-line progress bar on stderr: step, loss, steps/s and ETA (``quiet`` turns it off)."""
+    """Progress on stderr: step, loss, steps/s and ETA (``quiet`` turns it off).
 
-    def __init__(self, total: int, start: int, quiet: bool):
+    On a terminal one line redrawn in place (``\\r`` frames, at most every 0.25 s); otherwise (a log file, a pipe,
+    CI) plain lines, one every ``every`` seconds (default 10) and one at every forced update (the last step), so a
+    log holds readable lines rather than carriage-return frames.
+
+    Args:
+      total: the last step of the run.
+      start: the step the run starts after (0, or the step resumed from).
+      quiet: write nothing.
+      stream: where to write (default ``sys.stderr`` at construction).
+      every: seconds between plain lines when ``stream`` is not a terminal.
+    """
+
+    def __init__(self, total: int, start: int, quiet: bool, stream=None, *, every: float = 10.0):
         self.total, self.start, self.quiet = total, start, quiet
+        self.stream = sys.stderr if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.every = 0.25 if self.tty else every
         self.t0 = self.last = time.monotonic()
         self.first = start + 1  # the rate is measured from the first (compiled) step on
+        self.written = None  # the step of the last plain line
 
     def update(self, step: int, loss: float, force: bool = False):
         now = time.monotonic()
         if step == self.first:
             self.t0, self.start = now, step
-        if self.quiet or (not force and now - self.last < 0.25):
+        if self.quiet or (not force and now - self.last < self.every) or (not self.tty and step == self.written):
             return
         self.last = now
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         eta_s = "?" if not math.isfinite(eta) else f"{int(eta) // 60}:{int(eta) % 60:02d}"
-        sys.stderr.write(f"\rstep {step}/{self.total}  loss {loss:.4g}  {rate:.1f} steps/s  ETA {eta_s}   ")
-        sys.stderr.flush()
+        line = f"step {step}/{self.total}  loss {loss:.4g}  {rate:.1f} steps/s  ETA {eta_s}"
+        if self.tty:
+            self.stream.write(f"\r{line}   ")
+        else:
+            self.stream.write(line + "\n")
+            self.written = step
+        self.stream.flush()
 
     def close(self):
-        if not self.quiet:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        if not self.quiet and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 class Signals:
