@@ -4,6 +4,8 @@ import contextlib
 import io
 import json
 import os
+import struct
+import sys
 
 import jax
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from jbptt import cells, cli
 from jbptt.experiment import rundir
 from jbptt.experiment.build import build_model
-from jbptt.experiment.config import parse_config
+from jbptt.experiment.config import ConfigError, parse_config
 from jbptt.experiment.sampling import generate
 from jbptt.unroll import unroll
 from tests.runner_helpers import tiny_raw, write_config
@@ -135,3 +137,64 @@ def test_progress_writes_plain_lines_when_not_a_terminal(monkeypatch):
     quiet = io.StringIO()
     rundir.Progress(total=3, start=0, quiet=True, stream=quiet).update(1, 0.5, force=True)
     assert quiet.getvalue() == ""
+
+
+def _tensorboard_scalars(folder):
+    """``{(tag, step): value}`` read back from the TFRecord event files in ``folder`` (tensorboardX's protos)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for name in sorted(os.listdir(folder)):
+        data = open(os.path.join(folder, name), "rb").read()
+        i = 0
+        while i < len(data):  # records: uint64 length, uint32 crc, payload, uint32 crc
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                scalars[(v.tag, event.step)] = v.simple_value
+    return scalars
+
+
+def test_tensorboard_events_mirror_the_metrics(tmp_path):
+    pytest.importorskip("tensorboardX")
+    rng = np.random.default_rng(0)
+    records = [{"split": "train", "step": 5, "loss": rng.random(), "grad_norm": rng.random(), "lr": 1e-3, "time": 1.5},
+               {"split": "val", "step": 10, "mse": rng.random(), "nrmse": rng.random(), "time": 3.0},
+               {"split": "train", "step": 10, "loss": rng.random(), "grad_norm": rng.random(), "lr": 1e-3,
+                "note": "text", "skipped": True}]
+    log = rundir.MetricsLog(str(tmp_path), tensorboard=True)
+    for r in records:
+        log(r)
+    log.close()
+    assert rundir.read_metrics(str(tmp_path)) == records  # metrics.jsonl stays the source of truth
+    expected = {(f"{r['split']}/{k}", r["step"]): v for r in records for k, v in r.items()
+                if k not in ("split", "step", "time", "note", "skipped")}
+    got = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert set(got) == set(expected)
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-6)  # float32 values
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` raises ImportError
+    with pytest.raises(ConfigError, match=r"logging.tensorboard: .*pip install 'jbptt\[tensorboard\]'"):
+        rundir.check_tensorboard()
+    with pytest.raises(ConfigError, match="tensorboardX"):
+        rundir.MetricsLog(str(tmp_path), tensorboard=True)
+    assert not os.listdir(tmp_path)  # nothing written
+    log = rundir.MetricsLog(str(tmp_path))  # off: no package needed
+    log({"split": "train", "step": 1, "loss": 0.5})
+    log.close()
+    assert rundir.read_metrics(str(tmp_path)) == [{"split": "train", "step": 1, "loss": 0.5}]
+
+
+def test_overwrite_removes_the_old_event_files(tmp_path):
+    cfg = parse_config(tiny_raw(tmp_path))
+    run_dir = rundir.open_run_dir(cfg, str(tmp_path / "r"))
+    os.makedirs(tmp_path / "r" / "tensorboard")
+    (tmp_path / "r" / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"old")
+    (tmp_path / "r" / "tensorboard" / "mine.txt").write_text("kept")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        rundir.open_run_dir(cfg, run_dir)
+    rundir.open_run_dir(cfg, run_dir, overwrite=True)
+    assert os.listdir(tmp_path / "r" / "tensorboard") == ["mine.txt"]

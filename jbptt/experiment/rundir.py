@@ -5,13 +5,15 @@ line: ``split`` "train" lines with ``step``, ``loss`` and ``grad_norm`` averaged
 and ``time``; ``split`` "val" lines with the task's metrics), ``summary.json`` (status, final and best metrics, run
 time, machine), ``gradient_flow.json`` (``||dL/dh_t||`` against ``t`` at the start and the end),
 ``checkpoints/last.msgpack`` (+ ``best.msgpack``, and ``step-<step>.msgpack`` with ``training.keep_checkpoints`` >
-1) and PNG plots. Every file is written atomically; a last ``metrics.jsonl`` line cut short by a kill is skipped
+1), PNG plots and, with ``logging.tensorboard``, TensorBoard event files in ``tensorboard/`` (a view of
+``metrics.jsonl``). Every file but the event files is written atomically; a last ``metrics.jsonl`` line cut short by a kill is skipped
 with a warning. ``.lock`` is held (``flock``) by the process resuming the run, so a second one is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -46,16 +48,19 @@ def new_run_dir(cfg: Config) -> str:
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "gradient_flow.json", "curves.png", "gradient_flow.png")
 """The files a run writes in its folder (besides ``checkpoints/``); ``--overwrite`` removes them."""
 
+TENSORBOARD_DIR = "tensorboard"
+"""The folder of a run's TensorBoard event files (``logging.tensorboard: true``)."""
+
 
 def _clear_run(run_dir: str) -> None:
-    """Removes the files of the run in ``run_dir`` (only those a run writes)."""
+    """Removes the files of the run in ``run_dir`` (only those a run writes: checkpoints and event files too)."""
     for name in RUN_FILES:
         if os.path.exists(os.path.join(run_dir, name)):
             os.unlink(os.path.join(run_dir, name))
-    folder = os.path.join(run_dir, "checkpoints")
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.endswith(".msgpack"):
-            os.unlink(os.path.join(folder, name))
+    for folder in (os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, TENSORBOARD_DIR)):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.endswith(".msgpack") or name.startswith("events.out.tfevents."):
+                os.unlink(os.path.join(folder, name))
 
 
 def open_run_dir(cfg: Config, run_dir: str | None, *, resume: bool = False, write: bool = True,
@@ -163,18 +168,52 @@ def truncate_metrics(run_dir: str, last_step: int) -> None:
     ckpt.atomic_write(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in keep))
 
 
-class MetricsLog:
-    """Appends records to ``metrics.jsonl`` (flushed line by line); ``write=False`` discards them."""
+def check_tensorboard():
+    """The ``tensorboardX`` module, imported; call it before a run folder is written.
 
-    def __init__(self, run_dir: str, write: bool = True):
+    Raises:
+      ConfigError: ``logging.tensorboard`` is on but ``tensorboardX`` (the optional extra) is not installed.
+    """
+    try:
+        return importlib.import_module("tensorboardX")
+    except ImportError as e:
+        raise ConfigError("logging.tensorboard", f"needs the optional package tensorboardX ({e}): "
+                          "pip install 'jbptt[tensorboard]', or set logging.tensorboard: false") from None
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl`` (flushed line by line); ``write=False`` discards them.
+
+    With ``tensorboard`` every record is also written as TensorBoard scalars under ``<run_dir>/tensorboard/``: each
+    number of a record but ``step`` and ``time`` as ``<split>/<key>`` at its ``step`` (``train/loss``,
+    ``val/mse``). ``metrics.jsonl`` stays the source of truth; the event files are a view of it. ``purge_step``
+    (the step a resumed run continues from) tells TensorBoard to hide the events a killed run wrote after it.
+
+    Raises:
+      ConfigError: ``tensorboard`` and ``tensorboardX`` is not installed (see :func:`check_tensorboard`).
+    """
+
+    def __init__(self, run_dir: str, write: bool = True, *, tensorboard: bool = False, purge_step: int | None = None):
+        self.board = None
+        if write and tensorboard:
+            writer = check_tensorboard().SummaryWriter
+            self.board = writer(os.path.join(run_dir, TENSORBOARD_DIR), purge_step=purge_step, flush_secs=10)
         self.file = open(os.path.join(run_dir, "metrics.jsonl") if write else os.devnull, "a")
 
     def __call__(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.board is not None:
+            split, step = record.get("split", "train"), record.get("step", 0)
+            for key, value in record.items():
+                if key not in ("split", "step", "time") and isinstance(value, int | float) \
+                        and not isinstance(value, bool):
+                    self.board.add_scalar(f"{split}/{key}", value, step)
 
     def close(self) -> None:
         self.file.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def write_json(run_dir: str, name: str, obj) -> None:
