@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from jbptt.batch import sequence_mask
+from jbptt.losses import WholeSequenceLoss
 
 BLANK = 0
 
@@ -45,6 +46,43 @@ class CTCLoss(NamedTuple):
 
     per_example: jax.Array
     mean: jax.Array
+
+
+class Labels(NamedTuple):
+    """CTC targets of a batch (the ``targets`` of a :class:`~jbptt.batch.Batch` trained with
+    :func:`ctc_sequence_loss`): ``labels: [B, L]`` right-padded label ids (no blank) and ``lengths: [B]``."""
+
+    labels: jax.Array
+    lengths: jax.Array
+
+
+def ctc_sequence_loss(*, blank_id: int = BLANK, normalize: str = "frames") -> WholeSequenceLoss:
+    """The CTC loss as a :class:`~jbptt.losses.WholeSequenceLoss` for the estimators that take one (``bptt``).
+
+    ``fn(logits [B, T, C], targets: Labels, weights [B, T])``: the valid frames of each example are its steps
+    with a positive weight (right-padded: ``seq_lengths``).
+
+    Args:
+      blank_id: the blank class.
+      normalize: ``"frames"`` (default) divides the batch's summed negative log-likelihood by its number of valid
+        frames (nats per frame: step sizes do not depend on utterance length), ``"labels"`` by its number of
+        labels, ``"none"`` gives the plain mean over examples (:attr:`CTCLoss.mean`).
+
+    Returns:
+      A :class:`~jbptt.losses.WholeSequenceLoss` named ``"the CTC loss"``.
+    """
+    if normalize not in ("frames", "labels", "none"):
+        raise ValueError(f"ctc_sequence_loss: normalize must be 'frames', 'labels' or 'none', got {normalize!r}")
+
+    def fn(logits, targets: Labels, weights):
+        frames = jnp.sum(weights > 0, axis=1).astype(jnp.int32)
+        out = ctc_loss(logits, targets.labels, targets.lengths, frames, blank_id=blank_id)
+        if normalize == "none":
+            return out.mean
+        count = frames if normalize == "frames" else jnp.asarray(targets.lengths)
+        return jnp.sum(out.per_example) / jnp.maximum(jnp.sum(count), 1).astype(logits.dtype)
+
+    return WholeSequenceLoss(fn, "the CTC loss")
 
 
 def _concrete(x):

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from jbptt.batch import Batch
+from jbptt.losses import is_whole_sequence
+from jbptt.unroll import Bidirectional, SequenceModel
 
 
 class GradientEstimator(NamedTuple):
@@ -45,12 +47,20 @@ class GradientEstimator(NamedTuple):
 
 ESTIMATORS: dict[str, Callable[..., GradientEstimator]] = {}
 
+WHOLE_SEQUENCE: set[str] = set()
+"""Names of the estimators that differentiate the whole unroll at once, so they accept a whole-sequence loss
+(:class:`~jbptt.losses.WholeSequenceLoss`, e.g. CTC) and a whole-sequence model (bidirectional layers,
+:class:`~jbptt.unroll.SequenceModel`)."""
 
-def register_estimator(name: str):
-    """Decorator registering ``factory(cell, loss_fn, **options) -> GradientEstimator`` under ``name``."""
+
+def register_estimator(name: str, *, whole_sequence: bool = False):
+    """Decorator registering ``factory(cell, loss_fn, **options) -> GradientEstimator`` under ``name``;
+    ``whole_sequence=True`` declares that it accepts whole-sequence losses and models (see :data:`WHOLE_SEQUENCE`)."""
 
     def decorator(factory):
         ESTIMATORS[name] = factory
+        if whole_sequence:
+            WHOLE_SEQUENCE.add(name)
         return factory
 
     return decorator
@@ -65,4 +75,12 @@ def make_estimator(name: str, cell, loss_fn, **options) -> GradientEstimator:
         factory = ESTIMATORS[name]
     except KeyError:
         raise ValueError(f"unknown estimator {name!r}; registered: {sorted(ESTIMATORS)}") from None
+    if name not in WHOLE_SEQUENCE:
+        if is_whole_sequence(loss_fn):
+            raise ValueError(f"estimator {name!r} needs a per-step loss, but {loss_fn.name} is a whole-sequence "
+                             f"loss; estimators that take one: {sorted(WHOLE_SEQUENCE)}")
+        if isinstance(cell, SequenceModel | Bidirectional):
+            raise ValueError(f"estimator {name!r} steps the cell one time step at a time, but the model has "
+                             "bidirectional layers, which read the whole sequence; estimators that take one: "
+                             f"{sorted(WHOLE_SEQUENCE)}")
     return factory(cell, loss_fn, **options)

@@ -10,6 +10,7 @@ last valid step (:func:`final_step_weights`); auxiliary losses at chosen steps a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,34 @@ import jax.numpy as jnp
 from jbptt.batch import loss_weights, sequence_mask  # noqa: F401  (loss_weights is part of this API)
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class WholeSequenceLoss(NamedTuple):
+    """A loss of the whole output sequence that is not a sum of per-step terms (e.g. CTC,
+    :func:`jbptt.ctc.ctc_sequence_loss`).
+
+    Attributes:
+      fn: ``fn(ys [B, T, O], targets, weights [B, T]) -> scalar`` (``weights`` mark the valid steps).
+      name: what the loss is called in error messages.
+
+    :func:`sequence_loss` (and so ``bptt``, evaluation and the diagnostics) calls ``fn``. Used as a per-step
+    ``loss_fn(y, target)`` it raises a ``ValueError`` naming the problem: estimators that need a per-step loss
+    (the online ones: rtrl, snap, uoro, kfrtrl, eprop, rflo; tbptt's chunked updates) cannot train with it.
+    """
+
+    fn: Callable
+    name: str = "a whole-sequence loss"
+
+    def __call__(self, y, target):
+        raise ValueError(f"{self.name} is a whole-sequence loss: it cannot be evaluated one step at a time, so "
+                         "estimators that need a per-step loss (online: rtrl, snap, uoro, kfrtrl, eprop, rflo; "
+                         "tbptt's chunked updates) do not apply; use bptt (with truncation=k for a truncated "
+                         "gradient)")
+
+
+def is_whole_sequence(loss_fn) -> bool:
+    """True for a :class:`WholeSequenceLoss`."""
+    return isinstance(loss_fn, WholeSequenceLoss)
 
 
 def cross_entropy(logits, labels):
@@ -87,8 +116,13 @@ def final_step(ys, seq_lengths=None):
     return ys[jnp.arange(B), last]
 
 
-def sequence_loss(loss_fn: LossFn, ys, targets, weights):
-    """Weighted mean of ``loss_fn(ys, targets)`` over batch and time. ``ys: [B, T, O]``, ``weights: [B, T]``."""
+def sequence_loss(loss_fn: LossFn | WholeSequenceLoss, ys, targets, weights):
+    """Weighted mean of ``loss_fn(ys, targets)`` over batch and time. ``ys: [B, T, O]``, ``weights: [B, T]``.
+
+    A :class:`WholeSequenceLoss` is evaluated on the whole sequence instead: ``loss_fn.fn(ys, targets, weights)``.
+    Returns a scalar."""
+    if isinstance(loss_fn, WholeSequenceLoss):
+        return loss_fn.fn(ys, targets, weights)
     return weighted_mean(loss_fn(ys, targets), weights)
 
 

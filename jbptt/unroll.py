@@ -16,6 +16,7 @@ from jax import lax
 
 from jbptt.batch import batch_and_time, sequence_mask, time_major
 from jbptt.cells import Cell, scan_steps
+from jbptt.cells.initializers import get_initializer
 
 ScanFn = Callable[..., tuple[Any, Any]]
 """A drop-in replacement for ``lax.scan``: ``scan(body, init, xs, reverse=False, unroll=1) -> (carry, ys)``."""
@@ -45,11 +46,14 @@ def _whole(run, carry, xs):
 
 
 def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None, unroll: int = 1,
-           reverse: bool = False, scan: ScanFn | Scan | None = None, reverse_mode_only: bool = False):
+           reverse: bool = False, scan: ScanFn | Scan | None = None, reverse_mode_only: bool = False,
+           truncate: int | None = None):
     """Runs ``cell`` over the time axis of ``xs``.
 
     Args:
-      cell: the :class:`~jbptt.cells.Cell`.
+      cell: the :class:`~jbptt.cells.Cell`, or a whole-sequence model (:class:`Bidirectional`,
+        :class:`SequenceModel`), which is applied to the whole sequence (``carry``, ``reverse`` and ``scan`` do not
+        apply to it).
       params: its parameters.
       xs: batch-major inputs, a pytree with leaves ``[B, T, ...]`` (e.g. ``[B, T, I]``, or ``(x, keys)`` from
         :func:`with_step_keys` for dropout).
@@ -65,6 +69,11 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
       scan: a drop-in replacement for ``lax.scan``, or a :class:`Scan` (e.g. a schedule from :mod:`jbptt.remat`).
       reverse_mode_only: promise that the result is only differentiated in reverse mode (``grad``/``vjp``), so a
         fused fast path may use a ``custom_vjp`` (``jax.jvp`` through it then raises). The BPTT estimator sets it.
+      truncate: ``k`` truncates the gradient every ``k`` steps: the carry entering steps ``0, k, 2k, ...`` (in scan
+        order: in reverse, the carry entering step ``t`` from ``t + 1`` when ``t + 1`` is a multiple of ``k``) is
+        wrapped in ``lax.stop_gradient``. Values are unchanged; ``grad`` then equals the sum over chunks of
+        ``k`` steps of each chunk's gradient at a fixed incoming carry (truncated BPTT(k, k) at fixed parameters).
+        The step is scanned (no fused path).
 
     Returns:
       ``(final_carry, ys)`` with ``ys: [B, T, output_size]``.
@@ -75,9 +84,21 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
 
     Safe under ``jit``, ``grad``, ``vmap`` and (without ``reverse_mode_only``) ``jvp``.
     """
+    if isinstance(cell, Bidirectional | SequenceModel):
+        if carry is not None and jax.tree.leaves(carry):
+            raise ValueError("unroll: a whole-sequence model (bidirectional) starts from its own initial carry; "
+                             "it takes no carry")
+        return cell.apply(params, xs, seq_lengths=seq_lengths, resets=resets, unroll=unroll,
+                          reverse_mode_only=reverse_mode_only, truncate=truncate)
     B, T = batch_and_time(xs)
     if carry is None:
         carry = cell.initial_carry(params, (B,))
+    if truncate is not None:
+        if truncate < 1:
+            raise ValueError(f"unroll: truncate must be >= 1, got {truncate}")
+        t = np.arange(T)
+        cut = (t + 1) % truncate == 0 if reverse else t % truncate == 0
+        cell, xs = _truncated(cell), (xs, jnp.broadcast_to(jnp.asarray(cut), (B, T)))
     _check_inputs(cell, params, xs, carry, seq_lengths, B, T)
     valid = None if seq_lengths is None else sequence_mask(seq_lengths, T).T  # [T, B]
     reset = None
@@ -92,7 +113,7 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
         (lambda a: a)
 
     sequence = _whole if scan is None else scan.sequence if isinstance(scan, Scan) else None
-    if cell.fused is not None and sequence is not None and _one_dtype(params, carry, xs):
+    if truncate is None and cell.fused is not None and sequence is not None and _one_dtype(params, carry, xs):
         def run(c, inp):
             return cell.fused(params, inp[0], c, inp[1], inp[2], reverse_mode_only=reverse_mode_only)
 
@@ -103,6 +124,18 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
     carry, ys = scan_steps(cell, params, time_major(xs), carry, valid, reset, scan=scan or lax.scan,
                            reverse=reverse, unroll=unroll)
     return carry, time_major(ys)
+
+
+def _truncated(cell: Cell) -> Cell:
+    """``cell`` reading ``(x, cut)`` inputs: the incoming carry is gradient-stopped where ``cut`` is True."""
+
+    def step(params, carry, inp):
+        x, cut = inp
+        carry = jax.tree.map(lambda c: jnp.where(cut.reshape(cut.shape + (1,) * (c.ndim - cut.ndim)),
+                                                 lax.stop_gradient(c), c), carry)
+        return cell.step(params, carry, x)
+
+    return cell._replace(step=step, fused=None)
 
 
 def _check_inputs(cell: Cell, params, xs, carry, seq_lengths, B: int, T: int):
@@ -153,8 +186,8 @@ def with_step_keys(xs, key, *, batch_size: int | None = None):
 
 class Bidirectional(NamedTuple):
     """A bidirectional layer (built at the unroll level): ``init(key, input_size) -> params`` and
-    ``apply(params, xs, *, seq_lengths=None, resets=None, unroll=1) -> ((carry_fwd, carry_bwd), ys)`` with
-    ``ys: [B, T, O_fwd + O_bwd]`` (forward outputs first)."""
+    ``apply(params, xs, *, seq_lengths=None, resets=None, unroll=1, reverse_mode_only=False, truncate=None) ->
+    ((carry_fwd, carry_bwd), ys)`` with ``ys: [B, T, O_fwd + O_bwd]`` (forward outputs first)."""
 
     init: Callable
     apply: Callable
@@ -165,7 +198,7 @@ def bidirectional(fwd: Cell, bwd: Cell) -> Bidirectional:
     """Combines a forward and a backward cell into a :class:`Bidirectional` layer.
 
     With ``seq_lengths`` the backward cell starts at each sequence's last valid step; outputs past the length
-    are zero in both halves.
+    are zero in both halves, so a padded batch gives each sequence what it gives alone.
     """
 
     def init(key, input_size):
@@ -174,10 +207,96 @@ def bidirectional(fwd: Cell, bwd: Cell) -> Bidirectional:
 
     run = unroll  # the argument below shadows the function
 
-    def apply(params, xs, *, seq_lengths=None, resets=None, unroll: int = 1):
-        cf, yf = run(fwd, params["fwd"], xs, seq_lengths=seq_lengths, resets=resets, unroll=unroll)
-        cb, yb = run(bwd, params["bwd"], xs, seq_lengths=seq_lengths, resets=resets, unroll=unroll,
-                         reverse=True)
+    def apply(params, xs, *, seq_lengths=None, resets=None, unroll: int = 1, reverse_mode_only: bool = False,
+              truncate: int | None = None):
+        kw = dict(seq_lengths=seq_lengths, resets=resets, unroll=unroll, reverse_mode_only=reverse_mode_only,
+                  truncate=truncate)
+        cf, yf = run(fwd, params["fwd"], xs, **kw)
+        cb, yb = run(bwd, params["bwd"], xs, reverse=True, **kw)
         return (cf, cb), jnp.concatenate([yf, yb], axis=-1)
 
     return Bidirectional(init, apply, fwd.output_size + bwd.output_size)
+
+
+class SequenceModel(NamedTuple):
+    """A stack of layers some of which read the whole sequence (:func:`sequence_stack`), e.g. a BiLSTM.
+
+    It has the fields a :class:`~jbptt.cells.Cell` user reads (``init``, ``initial_carry``, ``hidden_size``,
+    ``output_size``), and :func:`unroll` applies it; but it has no per-step ``step`` (its ``step`` raises a
+    ``ValueError`` saying so): only estimators that differentiate the whole unroll (``bptt``, also with
+    ``truncation``) can train it. ``initial_carry`` is empty: no carry crosses segments.
+
+    Attributes:
+      init: ``init(key, input_size) -> params``.
+      initial_carry: ``initial_carry(params, batch_shape) -> ()``.
+      apply: ``apply(params, xs, *, seq_lengths=None, resets=None, unroll=1, reverse_mode_only=False,
+        truncate=None) -> (final_carries, ys [B, T, output_size])``.
+      step: raises ``ValueError``.
+      hidden_size: the last layer's output size; output_size: the readout's (or the last layer's) size.
+    """
+
+    init: Callable
+    initial_carry: Callable
+    apply: Callable
+    step: Callable
+    hidden_size: int
+    output_size: int
+
+
+def sequence_stack(layers, output_size: int | None = None, *, init: str | Callable = "lecun") -> SequenceModel:
+    """Stacks :class:`~jbptt.cells.Cell` and :class:`Bidirectional` layers (each reads the previous layer's
+    outputs ``[B, T, O]``), with an optional linear readout to ``output_size`` applied at every step.
+
+    Args:
+      layers: a non-empty sequence of cells and bidirectional layers (e.g. ``[bidirectional(lstm(64), lstm(64)),
+        bidirectional(lstm(64), lstm(64))]``).
+      output_size: the readout's size (``None``: no readout; the outputs are the last layer's).
+      init: the readout weights' initializer (:func:`jbptt.cells.initializers.get_initializer`).
+
+    Returns:
+      A :class:`SequenceModel` with params ``{"layers": [...], "readout": {"w", "b"}}``. Outputs past each
+      sequence's length are zero.
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError("sequence_stack: needs at least one layer")
+    winit = get_initializer(init)
+    last = layers[-1].output_size
+
+    def init_fn(key, input_size):
+        keys = jax.random.split(key, len(layers) + 1)
+        params, size = [], input_size
+        for k, layer in zip(keys[:-1], layers, strict=True):
+            params.append(layer.init(k, size))
+            size = layer.output_size
+        out = {"layers": params}
+        if output_size is not None:
+            dtype = jax.tree.leaves(params)[0].dtype
+            out["readout"] = {"w": winit(keys[-1], (last, output_size), dtype), "b": jnp.zeros((output_size,), dtype)}
+        return out
+
+    def initial_carry(params, batch_shape):
+        del params, batch_shape
+        return ()
+
+    run = unroll
+
+    def apply(params, xs, *, seq_lengths=None, resets=None, unroll: int = 1, reverse_mode_only: bool = False,
+              truncate: int | None = None):
+        finals, ys = [], xs
+        for layer, p in zip(layers, params["layers"], strict=True):
+            final, ys = run(layer, p, ys, seq_lengths=seq_lengths, resets=resets, unroll=unroll,
+                            reverse_mode_only=reverse_mode_only, truncate=truncate)
+            finals.append(final)
+        if output_size is not None:
+            ys = ys @ params["readout"]["w"] + params["readout"]["b"]
+            if seq_lengths is not None:
+                ys = jnp.where(sequence_mask(seq_lengths, ys.shape[1])[..., None], ys, 0.0)
+        return tuple(finals), ys
+
+    def step(params, carry, x):
+        raise ValueError("this model has bidirectional layers, which read the whole sequence: it has no per-step "
+                         "step, so only estimators that differentiate the whole unroll apply (bptt, also with "
+                         "truncation=k); online estimators and tbptt need a steppable Cell")
+
+    return SequenceModel(init_fn, initial_carry, apply, step, last, last if output_size is None else output_size)

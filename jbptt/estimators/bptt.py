@@ -15,13 +15,13 @@ from jbptt.batch import Batch
 from jbptt.cells import Cell, plain
 from jbptt.estimator import GradientEstimator, register_estimator
 from jbptt.losses import LossFn, sequence_loss
-from jbptt.unroll import ScanFn, unroll
+from jbptt.unroll import Bidirectional, ScanFn, SequenceModel, unroll
 
 __all__ = ["Batch", "BPTTState", "GradientEstimator", "bptt", "loss_and_outputs", "reference_gradient"]
 
 
 def loss_and_outputs(cell: Cell, loss_fn: LossFn, params, batch: Batch, carry=None, *, unroll_steps: int = 1,
-                     scan: ScanFn | None = None, reverse_mode_only: bool = False):
+                     scan: ScanFn | None = None, reverse_mode_only: bool = False, truncation: int | None = None):
     """Unrolls ``cell`` over ``batch`` and returns ``(loss, (final_carry, ys))``.
 
     Args:
@@ -30,12 +30,14 @@ def loss_and_outputs(cell: Cell, loss_fn: LossFn, params, batch: Batch, carry=No
       scan: replacement for ``lax.scan`` (see :mod:`jbptt.remat`).
       reverse_mode_only: passed to :func:`jbptt.unroll.unroll` (a fused fast path may then use a ``custom_vjp``;
         no ``jax.jvp`` through it).
+      truncation: passed to :func:`jbptt.unroll.unroll` as ``truncate`` (the gradient is cut every ``k`` steps).
 
     Returns:
-      ``loss`` (scalar weighted mean per-step loss), ``final_carry`` and ``ys: [B, T, O]``.
+      ``loss`` (scalar weighted mean per-step loss, or a :class:`~jbptt.losses.WholeSequenceLoss` of the whole
+      sequence), ``final_carry`` and ``ys: [B, T, O]``.
     """
     final, ys = unroll(cell, params, batch.inputs, carry, seq_lengths=batch.seq_lengths, resets=batch.resets,
-                       unroll=unroll_steps, scan=scan, reverse_mode_only=reverse_mode_only)
+                       unroll=unroll_steps, scan=scan, reverse_mode_only=reverse_mode_only, truncate=truncation)
     return sequence_loss(loss_fn, ys, batch.targets, batch.weights(ys.dtype)), (final, ys)
 
 
@@ -55,9 +57,9 @@ class BPTTState(NamedTuple):
     carry: Any
 
 
-@register_estimator("bptt")
+@register_estimator("bptt", whole_sequence=True)
 def bptt(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, unroll_steps: int = 1,
-         scan: ScanFn | None = None) -> GradientEstimator:
+         scan: ScanFn | None = None, truncation: int | None = None) -> GradientEstimator:
     """Full backpropagation through time as a :class:`GradientEstimator`.
 
     Args:
@@ -67,6 +69,12 @@ def bptt(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, unroll_steps: i
         if False (default) every segment starts from ``cell.initial_carry(params, (B,))``.
       unroll_steps: ``lax.scan`` unroll factor.
       scan: replacement for ``lax.scan``, e.g. a checkpointing schedule from :mod:`jbptt.remat`.
+      truncation: ``k`` cuts the gradient every ``k`` steps over the whole sequence (values unchanged): the
+        gradient of truncated BPTT(k, k) at fixed parameters, for losses that need the whole sequence (CTC), where
+        ``tbptt``'s chunked updates do not apply. ``None``: the full gradient.
+
+    The cell may also be a whole-sequence model (:class:`jbptt.unroll.SequenceModel`, e.g. bidirectional layers)
+    and the loss a :class:`~jbptt.losses.WholeSequenceLoss` (e.g. CTC).
 
     Returns:
       A :class:`GradientEstimator` whose ``init(params, carry, *, key=None, inputs=None)`` keeps ``carry`` (``key``
@@ -74,6 +82,12 @@ def bptt(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, unroll_steps: i
       differentiates in reverse mode only, so it unrolls with ``reverse_mode_only=True`` (a fused LSTM runs its
       hand-written VJP layer); forward-mode derivatives *of* ``update`` are not supported for fused cells.
     """
+
+    if truncation is not None and truncation < 1:
+        raise ValueError(f"bptt: truncation must be >= 1 (or None), got {truncation}")
+    if stateful and isinstance(cell, SequenceModel | Bidirectional):
+        raise ValueError("bptt: stateful=True needs a carry that crosses segments; a bidirectional model reads "
+                         "each sequence whole")
 
     def init(params, carry, *, key=None, inputs=None):
         del params, key, inputs
@@ -85,7 +99,7 @@ def bptt(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, unroll_steps: i
         carry = lax.stop_gradient(state.carry) if stateful else None
         (loss, (final, _)), grads = jax.value_and_grad(
             lambda p: loss_and_outputs(cell, loss_fn, p, batch, carry, unroll_steps=unroll_steps, scan=scan,
-                                       reverse_mode_only=True),
+                                       reverse_mode_only=True, truncation=truncation),
             has_aux=True)(params)
         return loss, grads, BPTTState(final if stateful else state.carry)
 
