@@ -3,7 +3,9 @@
     jbptt run CONFIG [key.path=value ...] [--run-dir DIR [--overwrite]] [--quiet] [--print-config]
     jbptt run --resume RUN_DIR [training.steps=N ...] [--quiet] [--print-config]
     jbptt sample RUN_DIR [--prompt TEXT] [--length N] [--temperature T] [--seed S] [--checkpoint last|best]
-    jbptt plot RUN_DIR [RUN_DIR ...] [--out FILE] [--metric NAME]
+    jbptt plot RUN_DIR [RUN_DIR ...] [--out FILE.png|.pdf|.svg] [--metric NAME]
+    jbptt sweep CONFIG [key=v1,v2 ...] [seed=0..4] [key=value ...] [--parallel auto|vmap|process] [--sweep-dir DIR]
+                [--quiet]             (a grid of runs, :mod:`~jbptt.experiment.sweep`)
     jbptt compare ...                 (the estimator-comparison harness, :mod:`~jbptt.experiment.compare`)
 
 Exit codes: 0 success (also early stopping), 1 a run halted on a NaN/Inf (also after ``training.max_consecutive_skips``
@@ -25,6 +27,7 @@ package root is lazy, so ``--help``, ``--version``, argument errors and config e
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -169,6 +172,14 @@ def _plot(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    try:
+        sweep = importlib.import_module("jbptt.experiment.sweep")
+    except ImportError as e:
+        return _err(f"sweep is not available ({e})", 1)
+    return sweep.run_cli(args)
+
+
 def parser() -> argparse.ArgumentParser:
     from jbptt import __version__  # the package root is lazy: this loads nothing else
 
@@ -195,6 +206,18 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png for one run, runs.png for several)")
     pl.add_argument("--metric", help="validation metric to plot (default: each run's headline metric)")
+    sw = sub.add_parser("sweep", help="run a grid of configs (seeds, values) and summarise it",
+                        description="Runs CONFIG at every point of the grid the axes span, one run folder per point, "
+                        "and writes sweep.json, sweep.md and an overlay plot; the same command again continues a "
+                        "sweep that was stopped.")
+    sw.add_argument("config", help="YAML config file")
+    sw.add_argument("axes", nargs="*", help="axes: key=v1,v2 (a list of values), seed=0..4 (a range), or key=value "
+                    "(a fixed override for every point)")
+    sw.add_argument("--parallel", choices=("auto", "vmap", "process"), default="auto",
+                    help="vmap: all seeds of a point in one program; process: one process per run; auto (default): "
+                    "vmap where the config allows it")
+    sw.add_argument("--sweep-dir", default=None, help="sweep folder (default: under logging.root)")
+    sw.add_argument("--quiet", action="store_true", help="no progress output")
     sub.add_parser("compare", help="compare gradient estimators (jbptt.experiment.compare)", add_help=False)
     return p
 
@@ -211,7 +234,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # argparse exits 2 on bad arguments, 0 for --help
         return int(e.code or 0)
     try:
-        return {"run": _run, "sample": _sample, "plot": _plot}[args.command](args)
+        return {"run": _run, "sample": _sample, "plot": _plot, "sweep": _sweep}[args.command](args)
     except KeyboardInterrupt:  # SIGINT while importing or loading: one line, no traceback
         return _err("interrupted (SIGINT)", 130)
 

@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import sys
+import types
 
 import jax
 import numpy as np
@@ -198,3 +199,23 @@ def test_overwrite_removes_the_old_event_files(tmp_path):
         rundir.open_run_dir(cfg, run_dir)
     rundir.open_run_dir(cfg, run_dir, overwrite=True)
     assert os.listdir(tmp_path / "r" / "tensorboard") == ["mine.txt"]
+
+
+def test_sweep_parses_its_axes_and_hands_them_to_the_sweep_module(monkeypatch, capsys):
+    args = cli.parser().parse_args(["sweep", "c.yaml", "optimizer.lr=1e-3,3e-3", "seed=0..4", "training.steps=5",
+                                    "--parallel", "vmap", "--sweep-dir", "out", "--quiet"])
+    assert (args.command, args.config, args.parallel, args.sweep_dir, args.quiet) == ("sweep", "c.yaml", "vmap",
+                                                                                       "out", True)
+    assert args.axes == ["optimizer.lr=1e-3,3e-3", "seed=0..4", "training.steps=5"]
+    defaults = cli.parser().parse_args(["sweep", "c.yaml"])
+    assert (defaults.axes, defaults.parallel, defaults.sweep_dir, defaults.quiet) == ([], "auto", None, False)
+    assert cli.main(["sweep", "c.yaml", "--parallel", "threads"]) == 2
+    seen = []
+    fake = types.ModuleType("jbptt.experiment.sweep")
+    fake.run_cli = lambda a: seen.append(a) or 7
+    monkeypatch.setitem(sys.modules, "jbptt.experiment.sweep", fake)
+    assert cli.main(["sweep", "c.yaml", "seed=0..2"]) == 7 and seen[0].axes == ["seed=0..2"]
+    monkeypatch.setitem(sys.modules, "jbptt.experiment.sweep", None)  # not installed: a clear message
+    capsys.readouterr()
+    assert cli.main(["sweep", "c.yaml"]) == 1
+    assert "sweep is not available" in capsys.readouterr().err

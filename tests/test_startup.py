@@ -42,6 +42,7 @@ def _python(*args, **kwargs):
     (["run", "--help"], 0, "--print-config"),
     (["sample", "--help"], 0, "--temperature"),
     (["plot", "--help"], 0, "--metric"),
+    (["sweep", "--help"], 0, "--parallel"),
     (["run", QUICKSTART, "optimizer.lr=abc"], 2, "optimizer.lr: expected float"),
     (["run", QUICKSTART, "optimizer.nope=1"], 2, "optimizer.nope: unknown key"),
     (["run", QUICKSTART, "model.cell=nope"], 2, "unknown cell 'nope'"),
