@@ -59,8 +59,9 @@ class Labels(NamedTuple):
 def ctc_sequence_loss(*, blank_id: int = BLANK, normalize: str = "frames") -> WholeSequenceLoss:
     """The CTC loss as a :class:`~jbptt.losses.WholeSequenceLoss` for the estimators that take one (``bptt``).
 
-    ``fn(logits [B, T, C], targets: Labels, weights [B, T])``: the valid frames of each example are its steps
-    with a positive weight (right-padded: ``seq_lengths``).
+    ``fn(logits [B, T, C], targets, weights [B, T])``: the valid frames of each example are its steps with a
+    positive weight (right-padded: ``seq_lengths``); ``targets`` is :class:`Labels` or a ``[B, L]`` array
+    right-padded with the blank (its lengths are the counts of non-blank entries).
 
     Args:
       blank_id: the blank class.
@@ -74,7 +75,10 @@ def ctc_sequence_loss(*, blank_id: int = BLANK, normalize: str = "frames") -> Wh
     if normalize not in ("frames", "labels", "none"):
         raise ValueError(f"ctc_sequence_loss: normalize must be 'frames', 'labels' or 'none', got {normalize!r}")
 
-    def fn(logits, targets: Labels, weights):
+    def fn(logits, targets, weights):
+        if not isinstance(targets, Labels):
+            targets = jnp.asarray(targets)
+            targets = Labels(targets, jnp.sum(targets != blank_id, axis=-1).astype(jnp.int32))
         frames = jnp.sum(weights > 0, axis=1).astype(jnp.int32)
         out = ctc_loss(logits, targets.labels, targets.lengths, frames, blank_id=blank_id)
         if normalize == "none":
