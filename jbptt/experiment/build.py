@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jbptt import cells, fused, losses, remat
+from jbptt import cells, ctc, fused, losses, remat
 from jbptt.cells import Cell, learned_initial_carry, stack, trainable_mask, with_readout
 from jbptt.estimator import GradientEstimator, make_estimator
 from jbptt.experiment.config import Config, ConfigError
 from jbptt.tasks import Task, make_task
+from jbptt.unroll import SequenceModel, bidirectional, sequence_stack
 
 
 class Model(NamedTuple):
@@ -110,17 +111,30 @@ def build_task(cfg: Config, source: str = "<config>") -> Task:
         raise ConfigError("task.options", f"task {cfg.task.name!r}: {e}", source) from None
 
 
-def build_cell(cfg: Config, output_size: int, source: str = "<config>") -> Cell:
+def build_cell(cfg: Config, output_size: int, source: str = "<config>") -> Cell | SequenceModel:
     """The model of ``cfg.model``: ``layers`` cells (stacked), a linear readout to ``output_size``, optionally a
     learned initial carry. ``model.fused: auto`` builds each layer with :func:`jbptt.fused.cell` (fused where a
-    fused layer exists), ``none``/``false`` with the plain :data:`jbptt.cells.CELLS`."""
+    fused layer exists), ``none``/``false`` with the plain :data:`jbptt.cells.CELLS`. With ``model.bidirectional``
+    (all layers, or a list per layer) it is a :func:`jbptt.unroll.sequence_stack` of bidirectional layers (a forward
+    and a backward cell of ``hidden`` units each) and plain ones, with the readout: a whole-sequence model that only
+    ``bptt`` trains."""
     m = cfg.model
     make = fused.cell if m.fused in ("auto", True) else lambda name, hidden, **kw: cells.CELLS[name](hidden, **kw)
     dtype = float_dtype(cfg, source)
+    bi = m.bidirectional if isinstance(m.bidirectional, list) else [m.bidirectional] * m.layers
     try:
         layers = [make(m.cell, m.hidden, dtype=dtype, **m.options) for _ in range(m.layers)]
+        backward = [make(m.cell, m.hidden, dtype=dtype, **m.options) if b else None for b in bi]
     except (TypeError, ValueError) as e:
         raise ConfigError("model.options", f"cell {m.cell!r}: {e}", source) from None
+    if any(bi):  # a whole-sequence model: bidirectional layers read the whole sequence
+        for key, bad in (("model.dropout", m.dropout > 0), ("model.residual", m.residual),
+                         ("model.learned_initial_carry", m.learned_initial_carry)):
+            if bad:
+                raise ConfigError(key, "is not available with model.bidirectional (a stack of bidirectional "
+                                  "layers); turn one of them off", source)
+        return sequence_stack([layer if b is None else bidirectional(layer, b)
+                               for layer, b in zip(layers, backward, strict=True)], output_size)
     one = len(layers) == 1 and m.dropout == 0
     core = layers[0] if one else stack(layers, residual=m.residual, dropout_rate=m.dropout)
     cell = with_readout(core, output_size)
@@ -130,7 +144,16 @@ def build_cell(cfg: Config, output_size: int, source: str = "<config>") -> Cell:
 def build_model(cfg: Config, source: str = "<config>") -> Model:
     """Task, cell and loss of ``cfg``; every config problem raises :class:`ConfigError`."""
     task = build_task(cfg, source)
-    return Model(cfg, task, build_cell(cfg, task.output_size, source), losses.get_loss(task.loss))
+    return Model(cfg, task, build_cell(cfg, task.output_size, source), task_loss(task))
+
+
+def task_loss(task: Task):
+    """The loss the task names: a per-step loss of :data:`jbptt.losses.LOSSES`, or ``"ctc"``: the whole-sequence
+    CTC loss (:func:`jbptt.ctc.ctc_sequence_loss`, nats per valid frame), which only whole-sequence estimators
+    (``bptt``) take."""
+    if task.loss == "ctc":
+        return ctc.ctc_sequence_loss(blank_id=task.info.get("blank", ctc.BLANK))
+    return losses.get_loss(task.loss)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from jbptt import diagnostics, losses
-from jbptt.unroll import unroll
+from jbptt.unroll import SequenceModel, unroll
 
 
 def make_eval_fn(model):
@@ -43,7 +43,10 @@ def make_evaluator(model, split: str, batch_size: int, n_batches: int, key, eval
 
 
 def make_gradient_flow(model, key, batch_size: int):
-    """``flow(params) -> list`` of ``||dL/dh_t||`` for every step ``t`` on a fixed validation batch."""
+    """``flow(params) -> list`` of ``||dL/dh_t||`` for every step ``t`` on a fixed validation batch; ``None`` for a
+    whole-sequence model (bidirectional layers: there is no single state to differentiate at each step)."""
+    if isinstance(model.cell, SequenceModel):
+        return None
     b = model.task.sample(key, batch_size, "val")
     norms = jax.jit(lambda p: diagnostics.state_gradient_norms(model.cell, model.loss_fn, p, b))
     return lambda params: [float(x) for x in np.asarray(norms(params))]
