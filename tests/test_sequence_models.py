@@ -142,3 +142,20 @@ def test_ctc_bad_labels_through_bptt_name_the_item():
     est = bptt(model, ctc.ctc_sequence_loss())
     with pytest.raises(ValueError, match="example 2|item 2|\\b2\\b"):
         est.update(params, est.init(params, ()), Batch(xs, too_long, seq_lengths=lengths))
+
+
+def test_config_builds_bidirectional_stacks_and_refuses_what_they_cannot_do():
+    from jbptt.experiment.build import build, build_cell
+    from jbptt.experiment.config import ConfigError, load_config
+    from jbptt.unroll import SequenceModel
+
+    cfg = load_config("configs/quickstart.yaml", ["model.layers=2", "model.bidirectional=[true, false]"])
+    model = build_cell(cfg, 1)
+    assert isinstance(model, SequenceModel) and model.output_size == 1
+    params = model.init(jax.random.key(0), 2)
+    assert params["layers"][0]["fwd"]["w_h"].shape == params["layers"][0]["bwd"]["w_h"].shape == (32, 4 * 32)
+    assert params["layers"][1]["w_x"].shape == (2 * 32, 4 * 32)  # the second layer reads both directions
+    for override, key in (("model.dropout=0.1", "model.dropout"), ("estimator.name=rtrl", "estimator"),
+                          ("model.learned_initial_carry=true", "model.learned_initial_carry")):
+        with pytest.raises(ConfigError, match=key):
+            build(load_config("configs/quickstart.yaml", ["model.bidirectional=true", override]))
