@@ -160,3 +160,15 @@ def test_vmap_blocker():
     assert sweep.vmap_blocker(make()) is None
     assert "parallel.mode" in sweep.vmap_blocker(make(parallel={"mode": "pmap"}))
     assert "fitted" in sweep.vmap_blocker(make(estimator={"name": "esn"}, model={"cell": "esn"}))
+
+
+def test_truncation_vs_lag_is_a_sweep():
+    """configs/truncation_vs_lag.sweep spans lags x truncations x seeds over a plain run config."""
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    path, axes = sweep.read_spec(os.path.join(root, "truncation_vs_lag.sweep"), ["seed=0"])
+    grid, fixed = sweep.parse_axes(axes)
+    points = sweep.grid_points(grid)
+    assert fixed == ["seed=0"] and len(points) == 20 and len({p.group for p in points}) == 20
+    cfg = load_config(path, fixed + list(points[-1].overrides))
+    assert (cfg.task.options["lag"], cfg.estimator.options["k1"]) == (40, 60) == (40, cfg.task.options["length"])
+    assert cfg.estimator.name == "tbptt" and sweep.vmap_blocker(cfg) is None
