@@ -164,6 +164,8 @@ def _plot(args) -> int:
         plots.plot_runs(args.run_dirs, out, metric=args.metric)
     except CheckpointError as e:
         return _err(f"checkpoint error: {e}", 1)
+    except ValueError as e:  # --out with another extension, --metric a run does not have
+        return _err(str(e), 2)
     written = [out]
     if len(args.run_dirs) == 1:
         flow = plots.plot_gradient_flow(args.run_dirs[0], os.path.join(args.run_dirs[0], "gradient_flow.png"))
@@ -195,16 +197,25 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--print-config", action="store_true",
                    help="print the resolved config (YAML, overrides applied) and exit without running")
-    s = sub.add_parser("sample", help="generate text from a character-level run")
-    s.add_argument("run_dir")
-    s.add_argument("--prompt", default="")
-    s.add_argument("--length", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--checkpoint", choices=("last", "best"), default="last")
-    pl = sub.add_parser("plot", help="overlay the curves of one or more runs")
-    pl.add_argument("run_dirs", nargs="+")
-    pl.add_argument("--out", help="output PNG (default: RUN_DIR/curves.png for one run, runs.png for several)")
+    s = sub.add_parser("sample", help="generate text from a character-level run",
+                       description="Generates text from the model of a character-level run (task chars): the prompt, "
+                       "then LENGTH characters drawn one at a time from the model's softmax, and prints it.")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="run folder of a character-level run (task chars)")
+    s.add_argument("--prompt", default="", help="text the generated characters continue (default: a newline)")
+    s.add_argument("--length", type=int, default=200, help="number of characters to generate (default: 200)")
+    s.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature > 0: below 1 more likely characters, above 1 more varied (default: 1)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the sampling; the same seed gives the same "
+                   "text (default: 0)")
+    s.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                   help="the last checkpoint (default) or the one with the best validation metric")
+    pl = sub.add_parser("plot", help="overlay the curves of one or more runs",
+                        description="Plots the training loss and the validation metric of runs, overlaid: one "
+                        "validation panel per metric (runs of different tasks get their own), loss-like metrics on a "
+                        "log axis, a task's baseline as a dashed line.")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders")
+    pl.add_argument("--out", help="output file, .png, .pdf or .svg (default: RUN_DIR/curves.png for one run, "
+                    "runs.png for several)")
     pl.add_argument("--metric", help="validation metric to plot (default: each run's headline metric)")
     sw = sub.add_parser("sweep", help="run a grid of configs (seeds, values) and summarise it",
                         description="Runs CONFIG at every point of the grid the axes span, one run folder per point, "

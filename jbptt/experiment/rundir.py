@@ -222,9 +222,13 @@ def write_json(run_dir: str, name: str, obj) -> None:
 
 
 def summary_head(cfg: Config, task, run_dir: str, status: str, steps: int, message: str | None = None) -> dict:
-    """The first fields of every ``summary.json``: the run, its status and the task's headline metric."""
+    """The first fields of every ``summary.json``: the run, its status, the task's headline metric and its
+    ``baseline`` (the headline metric of a trivial predictor, ``task.info["baseline"]``; ``None`` when the task has
+    none), which plots draw as a line."""
+    baseline = task.info.get("baseline")
     return {"name": cfg.logging.name, "run_dir": run_dir, "status": status, "message": message, "steps": steps,
             "task": cfg.task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
+            "baseline": float(baseline) if isinstance(baseline, int | float) else None,
             "estimator": cfg.estimator.name, "cell": cfg.model.cell}
 
 
