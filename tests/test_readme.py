@@ -2,10 +2,11 @@
 
 * Every ``python`` block is executed (a fresh namespace, in a temporary folder that holds ``configs/``).
 * Every command of a ``bash`` block is checked: ``jbptt run CONFIG ...`` through ``--print-config`` (the config and
-  its overrides are loaded and validated, nothing is trained), ``jbptt compare`` with its config loaded and nothing
-  run, other ``jbptt`` commands and ``python experiments/*.py`` scripts by parsing their arguments with their own
-  parsers, ``pip install`` extras against ``pyproject.toml``, the test command against ``.ci/run``. Commands written
-  inline in the prose (`` `jbptt ...` ``, `` `python experiments/...` ``) are parsed too.
+  its overrides are loaded and validated, nothing is trained), ``jbptt sweep`` with the config of every point loaded and
+  validated, ``jbptt compare`` with its config loaded and nothing run, other
+  ``jbptt`` commands and ``python experiments/*.py`` scripts by parsing their arguments with their own parsers,
+  ``pip install`` extras against ``pyproject.toml``, the test command against ``.ci/run``. Commands written inline
+  in the prose (`` `jbptt ...` ``, `` `python experiments/...` ``) are parsed too.
 * ``-m slow`` runs every block in full: python blocks marked slow, and every shell block as one bash script.
 * Every relative link points at an existing file (and heading, for ``#anchors``); the pieces table names every
   module of ``jbptt/`` with what it imports; the configs table names every ``configs/*.yaml``.
@@ -202,6 +203,14 @@ def _jbptt(argv: list[str], *, full: bool) -> None:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cli.main([*argv, "--print-config"])
         assert code == 0 and out.getvalue().strip(), f"jbptt {shlex.join(argv)} --print-config: {err.getvalue()}"
+    elif command == "sweep" and full:  # the axes parsed and every point's config loaded and validated
+        from jbptt.experiment import config, sweep
+
+        args = cli.parser().parse_args(argv)
+        path, axes = sweep.read_spec(args.config, args.axes)
+        grid, fixed = sweep.parse_axes(axes)
+        for point in sweep.grid_points(grid):
+            config.load_config(path, [*fixed, *point.overrides])
     elif command == "compare" and full:
         from jbptt.experiment import compare
 
