@@ -18,7 +18,7 @@ size.
 
 Registered tasks (see each module for options): ``copy``, ``delayed_recall``, ``adding`` (:mod:`.synthetic`),
 ``brackets`` (:mod:`.synthetic`), ``digits`` (:mod:`.digits`), ``chars`` (:mod:`.text`), ``mackey_glass``
-(:mod:`.mackey_glass`).
+(:mod:`.mackey_glass`), ``speech_digits`` (:mod:`.speech`, CTC).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def take_rows(key, n_rows: int, batch_size: int):
 
 
 # Import the task modules so that they register themselves.
-from jbptt.tasks import digits, mackey_glass, synthetic, text  # noqa: E402
+from jbptt.tasks import digits, mackey_glass, speech, synthetic, text  # noqa: E402
 
 __all__ = [
     "SPLITS",
@@ -149,6 +149,7 @@ __all__ = [
     "make_task",
     "register_task",
     "regression_metrics",
+    "speech",
     "synthetic",
     "task_options",
     "text",
