@@ -18,7 +18,7 @@ size.
 
 Registered tasks (see each module for options): ``copy``, ``delayed_recall``, ``adding`` (:mod:`.synthetic`),
 ``brackets`` (:mod:`.synthetic`), ``digits`` (:mod:`.digits`), ``chars`` (:mod:`.text`), ``mackey_glass``
-(:mod:`.mackey_glass`), ``speech_digits`` (:mod:`.speech`, CTC).
+(:mod:`.mackey_glass`), ``speech_digits`` (:mod:`.speech`, CTC), ``translate`` (:mod:`.translate`, seq2seq).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def take_rows(key, n_rows: int, batch_size: int):
 
 
 # Import the task modules so that they register themselves.
-from jbptt.tasks import digits, mackey_glass, speech, synthetic, text  # noqa: E402
+from jbptt.tasks import digits, mackey_glass, speech, synthetic, text, translate  # noqa: E402
 
 __all__ = [
     "SPLITS",
@@ -153,4 +153,5 @@ __all__ = [
     "synthetic",
     "task_options",
     "text",
+    "translate",
 ]
