@@ -6,8 +6,9 @@ and ``time``; ``split`` "val" lines with the task's metrics), ``summary.json`` (
 time, machine), ``gradient_flow.json`` (``||dL/dh_t||`` against ``t`` at the start and the end),
 ``checkpoints/last.msgpack`` (+ ``best.msgpack``, and ``step-<step>.msgpack`` with ``training.keep_checkpoints`` >
 1), PNG plots and, with ``logging.tensorboard``, TensorBoard event files in ``tensorboard/`` (a view of
-``metrics.jsonl``). Every file but the event files is written atomically; a last ``metrics.jsonl`` line cut short by a kill is skipped
-with a warning. ``.lock`` is held (``flock``) by the process resuming the run, so a second one is refused.
+``metrics.jsonl``). Every file but the event files is written atomically; a last ``metrics.jsonl`` line cut short by
+a kill is skipped with a warning. ``.lock`` is held (``flock``) by the process resuming the run, so a second one is
+refused.
 """
 
 from __future__ import annotations
