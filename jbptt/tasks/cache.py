@@ -54,7 +54,10 @@ def _atomic_write(path: Path, write) -> None:
     """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file (mkstemp makes it private)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
