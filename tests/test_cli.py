@@ -1,5 +1,6 @@
 """The command line end to end: the quickstart config (few steps), sampling text, plotting, compare."""
 
+import argparse
 import contextlib
 import io
 import json
@@ -219,3 +220,10 @@ def test_sweep_parses_its_axes_and_hands_them_to_the_sweep_module(monkeypatch, c
     capsys.readouterr()
     assert cli.main(["sweep", "c.yaml"]) == 1
     assert "sweep is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "sample", "plot", "sweep"])
+def test_every_option_is_described_in_help(command):
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    undescribed = [a.dest for a in sub._actions if not a.help]
+    assert not undescribed, f"jbptt {command} --help does not describe {undescribed}"
