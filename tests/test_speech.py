@@ -87,6 +87,9 @@ def test_a_fresh_synthesiser_forgets_what_was_said_before():
             return [synth.say("four two", variant=v, rate=r, pitch=p) for v, r, p in order]
 
     first, second = run(said), run(said)
+    with espeak.Synthesizer() as synth, pytest.raises(RuntimeError, match="another Synthesizer is open"):
+        espeak.Synthesizer()
+    synth.close()  # idempotent
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
     assert first[0].dtype == np.int16 and first[0].size > 0.2 * 22050

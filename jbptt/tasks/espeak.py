@@ -6,7 +6,8 @@ so what it renders depends on everything it rendered before in the process. A :c
 loads a **fresh instance** of the library (and unloads it on ``close``): the same sequence of utterances from a
 fresh instance with the same seed gives the same samples, bit for bit. The library runs in synchronous mode
 (``AUDIO_OUTPUT_SYNCHRONOUS``): :meth:`Synthesizer.say` returns once the utterance is rendered, the synth
-callback having collected its 16-bit samples (22,050 Hz). One synthesiser may be open at a time per process.
+callback having collected its 16-bit samples (22,050 Hz). One synthesiser may be open at a time per process
+(opening a second one raises a ``RuntimeError``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class Synthesizer:
         self.lib, self._holds = None, False
         loader = _loader()
         self.data_path = loader.get_data_path()
-        _OPEN.acquire()
+        if not _OPEN.acquire(blocking=False):
+            raise RuntimeError("espeak: another Synthesizer is open in this process; close it first (the library's "
+                               "state is global, so one instance at a time)")
         self._holds = True
         try:
             lib = ctypes.CDLL(loader.get_library_path())
