@@ -79,6 +79,10 @@ def test_loss_like_metrics_on_a_log_axis_and_the_baseline_as_a_line(tmp_path):
     ax = _val_axes(plots.curves_figure([brackets], metric="loss"))["loss"]
     assert ax.get_yscale() == "log" and len(ax.get_lines()) == 1  # the baseline is the headline metric's
     assert plots.is_loss_like("bpc") and plots.is_loss_like("val_loss") and not plots.is_loss_like("accuracy")
+    speech, _ = write_run(tmp_path / "speech", "speech_digits", ["digit_error"], seed=2)  # headline, lower is better
+    assert _val_axes(plots.curves_figure([speech]))["digit_error"].get_yscale() == "log"
+    os.unlink(os.path.join(speech, "summary.json"))  # a run still going: the name alone decides
+    assert _val_axes(plots.curves_figure([speech]))["digit_error"].get_yscale() == "linear"
 
 
 def test_a_nan_or_zero_keeps_a_loss_axis_sensible(tmp_path):

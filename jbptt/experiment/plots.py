@@ -16,9 +16,11 @@ from jbptt.experiment.rundir import read_metrics
 FORMATS = ("png", "pdf", "svg")
 """The file formats a plot is written in, named by the output's extension."""
 
-LOSS_LIKE = ("loss", "mse", "nrmse", "mae", "rmse", "bpc", "bits_per_char", "nll", "perplexity", "ppl", "cer", "wer")
+LOSS_LIKE = ("loss", "mse", "nrmse", "mae", "rmse", "bpc", "bits_per_char", "nll", "perplexity", "ppl", "cer", "wer",
+             "ler")
 """Validation metrics drawn on a log y axis (lower is better, positive, spanning decades); a name ending in
-``_loss`` or ``_mse`` counts too."""
+``_loss`` or ``_mse`` counts too, and so does a run's headline metric whose ``summary.json`` says
+``higher_is_better: false``."""
 
 _NOT_METRICS = ("step", "split", "time")
 
@@ -93,6 +95,12 @@ class _Run:
         metric = self.summary.get("metric")
         return metric if metric in self.metrics else (self.metrics[0] if self.metrics else None)
 
+    def lower_is_better(self, metric: str) -> bool:
+        """Whether ``metric`` is loss-like: by name (:func:`is_loss_like`) or as the headline metric of a task where
+        lower is better."""
+        return is_loss_like(metric) or (metric == self.summary.get("metric")
+                                        and self.summary.get("higher_is_better") is False)
+
     def baseline(self, metric: str) -> float | None:
         """The task's baseline for ``metric`` (``summary.json``: the headline metric of a trivial predictor)."""
         value = self.summary.get("baseline")
@@ -134,8 +142,9 @@ def curves_figure(run_dirs, *, metric: str | None = None, labels=None):
     ax_loss.set(xlabel="step", ylabel="training loss", title="training loss", yscale="log")
     for name, ax in val_axes.items():
         finite = [float(v) for line in ax.get_lines() for v in line.get_ydata() if math.isfinite(float(v))]
-        log = is_loss_like(name) and bool(finite) and min(finite) > 0
-        tasks = sorted({run.task for run, m in zip(runs, chosen, strict=True) if m == name and run.task})
+        here = [run for run, m in zip(runs, chosen, strict=True) if m == name]
+        log = any(run.lower_is_better(name) for run in here) and bool(finite) and min(finite) > 0
+        tasks = sorted({run.task for run in here if run.task})
         ax.set(xlabel="step", ylabel=name, title=f"validation {name}" + (f" ({', '.join(tasks)})" if tasks else ""),
                yscale="log" if log else "linear")
     if not val_axes:
