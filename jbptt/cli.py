@@ -174,6 +174,12 @@ def _plot(args) -> int:
     return 0
 
 
+def _decode(args) -> int:
+    from jbptt.experiment import decode
+
+    return decode.run_cli(args)
+
+
 def _sweep(args) -> int:
     try:
         sweep = importlib.import_module("jbptt.experiment.sweep")
@@ -229,6 +235,18 @@ def parser() -> argparse.ArgumentParser:
                     "vmap where the config allows it")
     sw.add_argument("--sweep-dir", default=None, help="sweep folder (default: under logging.root)")
     sw.add_argument("--quiet", action="store_true", help="no progress output")
+    d = sub.add_parser("decode", help="reference vs hypothesis of a speech (CTC) run's test items",
+                       description="Decodes N items of a run trained with the CTC loss (speech_digits) and prints "
+                       "reference, hypothesis and edit distance per item, with the label error rate over them.")
+    d.add_argument("run_dir", metavar="RUN_DIR", help="run folder of a CTC run")
+    d.add_argument("--n", type=int, default=10, help="number of items (default: 10)")
+    d.add_argument("--split", choices=("test", "val", "train"), default="test", help="data split (default: test)")
+    d.add_argument("--beam", type=int, default=0, help="prefix beam search width; 0 (default): greedy decoding")
+    d.add_argument("--checkpoint", choices=("last", "best"), default="best",
+                   help="the checkpoint with the best validation metric (default) or the last one")
+    d.add_argument("--seed", type=int, default=0, help="which items are drawn (default: 0)")
+    d.add_argument("--plot", metavar="FILE", help="also draw the first item's log-mel features with the CTC "
+                   "posteriors under them (.png, .pdf or .svg)")
     sub.add_parser("compare", help="compare gradient estimators (jbptt.experiment.compare)", add_help=False)
     return p
 
@@ -245,7 +263,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # argparse exits 2 on bad arguments, 0 for --help
         return int(e.code or 0)
     try:
-        return {"run": _run, "sample": _sample, "plot": _plot, "sweep": _sweep}[args.command](args)
+        return {"run": _run, "sample": _sample, "plot": _plot, "sweep": _sweep, "decode": _decode}[args.command](args)
     except KeyboardInterrupt:  # SIGINT while importing or loading: one line, no traceback
         return _err("interrupted (SIGINT)", 130)
 
