@@ -14,7 +14,9 @@ CELL_NAMES = (
 )
 """Sorted names of :data:`jbptt.cells.CELLS`."""
 
-TASK_NAMES = ("adding", "brackets", "chars", "copy", "delayed_recall", "digits", "mackey_glass")
+TASK_NAMES = (
+    "adding", "brackets", "chars", "copy", "delayed_recall", "digits", "mackey_glass", "speech_digits", "translate",
+)
 """Sorted names of :data:`jbptt.tasks.TASKS`."""
 
 
