@@ -28,7 +28,7 @@ def metrics(task, ys, batch):
     return jax.jit(task.metrics)(ys, batch)
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name", sorted(set(TASKS) - {"speech_digits", "translate"}))  # CTC / seq2seq: own files
 def test_shapes_determinism_and_splits(name, key):
     task = make_task(name, **SMALL[name])
     b = task.sample(key, 5)
