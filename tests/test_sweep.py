@@ -114,11 +114,12 @@ def test_vmap_equals_one_by_one_and_aggregates(tmp_path):
 
 
 def test_killed_sweep_continues(tmp_path, monkeypatch):
-    """Point seed=0 finished, seed=1 stopped after its step-10 checkpoint: a re-run leaves seed=0 alone, resumes
-    seed=1 (its first records kept) and writes the aggregates; a third run runs nothing."""
+    """Point seed=0 finished, seed=1 stopped after its step-10 checkpoint, seed=2 holds a checkpoint that cannot be
+    read: a re-run leaves seed=0 alone, resumes seed=1 (its first records kept), reports seed=2 failed and goes on,
+    and writes the aggregates over the finished seeds; a third run retries only the failed point."""
     config = _config(tmp_path)
-    plan = sweep.plan(config, ["seed=0,1"], str(tmp_path / "sw"))
-    done, half = (os.path.join(plan.sweep_dir, n) for n in ("seed=0", "seed=1"))
+    plan = _corrupt_point(config, str(tmp_path / "sw"), ["seed=0..2"], "seed=2")
+    done, half, bad = (os.path.join(plan.sweep_dir, n) for n in ("seed=0", "seed=1", "seed=2"))
     runner.train(plan.configs[0], done)
     short = load_config(config, ["seed=1", "training.steps=10"])
     runner.train(short, half)  # = a 20-step run killed right after its step-10 checkpoint:
@@ -130,17 +131,21 @@ def test_killed_sweep_continues(tmp_path, monkeypatch):
     real = runner.train
     monkeypatch.setattr(runner, "train", lambda cfg, run_dir, **kw: calls.append((run_dir, kw["resume"]))
                         or real(cfg, run_dir, **kw))
-    result = sweep.run_sweep(config, ["seed=0,1"], sweep_dir=str(tmp_path / "sw"), subprocesses=False)
-    assert calls == [(half, True)]
-    assert [p["mode"] for p in result["points"]] == ["earlier", "inline"]
+    result = sweep.run_sweep(config, ["seed=0..2"], sweep_dir=str(tmp_path / "sw"), subprocesses=False)
+    assert calls == [(half, True), (bad, True)]
+    assert [p["mode"] for p in result["points"]] == ["earlier", "inline", "inline"]
+    assert [p["status"] for p in result["points"]] == ["completed", "completed", "failed"]
+    assert "CheckpointError" in result["points"][2]["message"]
     assert open(os.path.join(done, "metrics.jsonl")).read() == before["done"]
     after = open(os.path.join(half, "metrics.jsonl")).read()
     assert after.startswith(before["half"]) and len(after) > len(before["half"])
     assert [r["step"] for r in _records(half) if r["split"] == "val"] == [10, 20]
-    assert result["complete"] and result["groups"][0]["final_val"]["n"] == 2
+    (g,) = result["groups"]
+    assert g["statuses"] == {"completed": 2, "failed": 1} and g["final_val"]["n"] == 2 and g["metric"] == "mse"
+    assert "| run | 2/3 |" in (tmp_path / "sw" / "sweep.md").read_text()
     assert os.path.getsize(os.path.join(plan.sweep_dir, "curves.png")) > 0
-    assert sweep.run_sweep(config, ["seed=0,1"], sweep_dir=str(tmp_path / "sw"), subprocesses=False)["complete"]
-    assert len(calls) == 1
+    sweep.run_sweep(config, ["seed=0..2"], sweep_dir=str(tmp_path / "sw"), subprocesses=False)
+    assert calls[2:] == [(bad, True)]
 
 
 def test_folder_of_another_config_refused(tmp_path):
@@ -172,3 +177,32 @@ def test_truncation_vs_lag_is_a_sweep():
     cfg = load_config(path, fixed + list(points[-1].overrides))
     assert (cfg.task.options["lag"], cfg.estimator.options["k1"]) == (40, 60) == (40, cfg.task.options["length"])
     assert cfg.estimator.name == "tbptt" and sweep.vmap_blocker(cfg) is None
+
+
+def _corrupt_point(config, sweep_dir, axes, name):
+    """The plan of ``axes``; point ``name``: a run folder whose only checkpoint is garbage (it cannot be resumed)."""
+    plan = sweep.plan(config, axes, sweep_dir)
+    bad = os.path.join(plan.sweep_dir, name)
+    os.makedirs(os.path.join(bad, "checkpoints"))
+    with open(os.path.join(bad, "config.yaml"), "w") as f:
+        f.write(dump_config(plan.configs[[p.name for p in plan.points].index(name)]))
+    with open(os.path.join(bad, "checkpoints", "last.msgpack"), "wb") as f:
+        f.write(os.urandom(64))
+    return plan
+
+
+@pytest.mark.slow
+def test_process_mode_cli(tmp_path, capsys, monkeypatch):
+    """``--parallel process``: every point in a ``python -m jbptt run`` subprocess; a point that fails is reported,
+    the others run, the exit code is 1; run again, nothing runs and the failure is reported again."""
+    config = _config(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.path.join(os.path.dirname(__file__), ".."))
+    _corrupt_point(config, str(tmp_path / "sw"), ["seed=0,1"], "seed=0")
+    args = _args(config, ["seed=0,1"], parallel="process", sweep_dir=str(tmp_path / "sw"))
+    assert sweep.run_cli(args) == 1
+    out = capsys.readouterr().out
+    assert "| run | 1/2 |" in out and "sweep folder:" in out
+    result = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [p["mode"] for p in result["points"]] == ["process", "process"]
+    assert result["points"][0]["status"] == "failed" and "exit code 1" in result["points"][0]["message"]
+    assert json.loads((tmp_path / "sw" / "seed=1" / "summary.json").read_text())["status"] == "completed"

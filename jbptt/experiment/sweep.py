@@ -231,13 +231,16 @@ def run_subprocess(plan_: Plan, point: Point, run_dir: str, resume: bool, quiet:
     cmd = [sys.executable, "-m", "jbptt", "run"]
     cmd += ["--resume", run_dir] if resume else [plan_.config, *plan_.fixed, *point.overrides, "--run-dir", run_dir]
     t0 = time.time()
-    proc = subprocess.run(cmd + (["--quiet"] if quiet else []), capture_output=True, text=True)
-    if proc.returncode == 130 or proc.returncode == 128 + 15:
+    with rundir.Signals() as signals:  # a SIGINT reaches the child too: it checkpoints and exits, then we stop
+        proc = subprocess.Popen(cmd + (["--quiet"] if quiet else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        _, err = proc.communicate()
+    if signals.received is not None or proc.returncode in (130, 128 + 15):
         raise KeyboardInterrupt
     summary = read_json(os.path.join(run_dir, "summary.json"))
     if summary and os.path.getmtime(os.path.join(run_dir, "summary.json")) >= t0 - 1:
         return summary
-    tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
+    tail = "\n".join(err.strip().splitlines()[-3:])
     return {"status": "failed", "run_dir": run_dir, "message": f"exit code {proc.returncode}: {tail}"}
 
 
@@ -344,6 +347,7 @@ def _train_vmapped(cfgs, run_dirs, source, quiet):
                                                        int(signals.received))
         outcomes = [o or loop.Outcome("completed", None, step, _take(i)(state), float(losses[i]))
                     for i, o in enumerate(outcomes)]
+        progress.update(step, float(np.nanmean(losses)), force=True)
     finally:
         progress.close()
         for sess in sessions:

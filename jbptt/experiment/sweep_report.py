@@ -58,8 +58,8 @@ def aggregate(plan, records: dict) -> list[dict]:
         r = records.get(pt.name)
         if r is not None:
             g["statuses"][r["status"]] = g["statuses"].get(r["status"], 0) + 1
-            g.setdefault("metric", r["metric"])
-            g.setdefault("higher_is_better", r["higher_is_better"])
+            if r["metric"] and not g.get("metric"):
+                g["metric"], g["higher_is_better"] = r["metric"], r["higher_is_better"]
     for g in out.values():
         rs = [records[n] for n in g["points"] if n in records and records[n]["status"] in FINISHED[:2]]
         for key in ("final_val", "best_val", "final_test", "best_test", "wall_time_s"):
