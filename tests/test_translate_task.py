@@ -39,20 +39,22 @@ def test_splits_are_disjoint_and_deterministic(task):
 def test_batches_follow_the_seq2seq_conventions(task, key):
     S, L = task.info["max_src_len"], task.info["max_tgt_len"]
     b = jax.jit(task.sample, static_argnums=(1, 2))(key, 6, "train")
-    assert b.inputs.shape == (6, S) and b.targets.shape == (6, L) and b.seq_lengths.shape == (6,)
-    assert b.inputs.dtype == jnp.int32 and b.targets.dtype == jnp.int32 and b.mask is None
+    src, tgt = b.inputs  # the decoder's teacher-forcing input is the target itself
+    assert src.shape == (6, S) and b.targets.shape == (6, L) and b.seq_lengths.shape == (6,)
+    assert src.dtype == jnp.int32 and b.targets.dtype == jnp.int32 and b.mask is None
+    np.testing.assert_array_equal(tgt, b.targets)
     assert (task.info["bos"], task.info["eos"], task.info["pad"]) == (translate.BOS, translate.EOS, translate.PAD)
-    assert int(b.inputs.max()) < task.input_size and int(b.targets.max()) < task.output_size
+    assert int(src.max()) < task.input_size and int(b.targets.max()) < task.output_size
     tl = translate.target_lengths(b)
     sv, tv = task.info["src_vocab"], task.info["tgt_vocab"]
-    for x, n, y, m in zip(np.asarray(b.inputs), np.asarray(b.seq_lengths), np.asarray(b.targets), np.asarray(tl),
+    for x, n, y, m in zip(np.asarray(src), np.asarray(b.seq_lengths), np.asarray(b.targets), np.asarray(tl),
                           strict=True):
         assert np.all(x[n:] == translate.PAD) and np.all(x[:n] != translate.PAD)
         assert y[m - 1] == translate.EOS and np.all(y[m:] == translate.EOS) and np.all(y[:m - 1] >= 2)
         number = task.info["numbers"]["train"][task.info["texts"]["train"][0].index(sv.decode(x[:n]))]
         assert translate.spell([number], "fr")[0] == tv.decode(y, stop=translate.EOS)
     whole = task.sample(key, 1000, "test")  # the whole split, in order
-    assert [sv.decode(r) for r in np.asarray(whole.inputs)] == task.info["texts"]["test"][0]
+    assert [sv.decode(r) for r in np.asarray(whole.inputs[0])] == task.info["texts"]["test"][0]
 
 
 def test_vocab_round_trip(task):
@@ -82,6 +84,7 @@ def test_digits_target_and_metrics(key):
     wrong = wrong.at[1, lengths[1]].set(jax.nn.one_hot(5, t.output_size) * 10.0)  # past row 1's end: ignored
     m = jax.jit(t.metrics)(wrong, b)
     assert np.isclose(m["exact_match"], 7 / 8) and np.isclose(m["token_accuracy"], 1 - 1 / lengths.sum())
+    assert np.isclose(translate.seq2seq_loss.fn(wrong, b.targets, None), m["loss"], rtol=1e-12)
 
 
 def test_seq2seq_loss_agrees_with_the_task_metrics(key):
@@ -98,11 +101,15 @@ def test_seq2seq_loss_agrees_with_the_task_metrics(key):
     @jax.jit
     def run(params, b):
         tl = translate.target_lengths(b)
-        return model.loss(params, b.inputs, b.targets, b.seq_lengths, tl), \
-            t.metrics(model.logits(params, b.inputs, b.targets, b.seq_lengths, tl), b)
+        src = b.inputs[0]
+        ys = model.logits(params, src, b.targets, b.seq_lengths, tl)
+        return model.loss(params, src, b.targets, b.seq_lengths, tl), t.metrics(ys, b), \
+            translate.seq2seq_loss.fn(ys, b.targets, b.weights(ys.dtype))
 
-    loss, m = run(params, b)
-    assert np.isfinite(loss) and np.isclose(loss, m["loss"], rtol=1e-10)
+    loss, m, whole = run(params, b)
+    assert np.isfinite(loss) and np.isclose(loss, m["loss"], rtol=1e-10) and np.isclose(loss, whole, rtol=1e-10)
+    with pytest.raises(ValueError, match="whole-sequence loss"):
+        translate.seq2seq_loss(b.targets[:, 0], b.targets[:, 0])  # no per-step use
 
 
 def test_bad_input(monkeypatch):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbptt.batch import Batch, loss_weights
-from jbptt.losses import cross_entropy, weighted_mean
+from jbptt.losses import WholeSequenceLoss, cross_entropy, weighted_mean
 from jbptt.tasks import SPLITS, Task, check_split, register_task, take_rows
 
 INSTALL = "pip install 'jbptt[translate]'"
@@ -122,6 +122,21 @@ def target_lengths(batch: Batch):
     return (jnp.argmax(tgt == EOS, axis=-1) + 1).astype(jnp.int32)
 
 
+def _token_loss(ys, targets, weights):
+    del weights  # the batch's weights follow the source lengths; the target lengths come from the targets
+    tgt = jnp.asarray(targets)
+    B, L = tgt.shape
+    lengths = (jnp.argmax(tgt == EOS, axis=-1) + 1).astype(jnp.int32)
+    return weighted_mean(cross_entropy(ys, tgt), loss_weights(B, L, seq_lengths=lengths, dtype=ys.dtype))
+
+
+seq2seq_loss = WholeSequenceLoss(_token_loss, "the seq2seq token cross-entropy")
+"""The task's loss ``"seq2seq"`` as a :class:`~jbptt.losses.WholeSequenceLoss`: ``fn(ys [B, L, V], targets [B, L],
+weights) -> scalar``, the token cross-entropy of teacher-forced logits averaged over every valid target token (the
+``EOS`` included; :func:`target_lengths`), i.e. :meth:`jbptt.seq2seq.Seq2Seq.loss`. ``weights`` (the batch's, which
+follow the *source* lengths) are not used. Only whole-sequence estimators (``bptt``) take it."""
+
+
 def seq2seq_metrics(ys, batch: Batch):
     """Metrics of teacher-forced logits ``ys: [B, L, V]`` (``Seq2Seq.logits``); jittable.
 
@@ -152,14 +167,15 @@ def translate(src: str = "en", tgt: str = "fr", low: int = 0, high: int = 9999, 
       n_train / n_val / n_test: numbers per split, disjoint; ``n_train=None``: every number left.
       seed: the split's seed.
 
-    Batches: inputs ``[B, S]`` int32 source ids (padded with :data:`PAD`), ``seq_lengths: [B]`` source lengths,
-    targets ``[B, L]`` int32 target ids ending with :data:`EOS` and padded with it (:func:`target_lengths`), ``mask``
+    Batches: inputs ``(src [B, S], tgt [B, L])``: int32 source ids (padded with :data:`PAD`) and the target ids
+    again, which the decoder reads shifted by one step (teacher forcing); ``seq_lengths: [B]`` source lengths;
+    targets ``[B, L]`` int32 target ids ending with :data:`EOS` and padded with it (:func:`target_lengths`); ``mask``
     None. ``S`` and ``L`` are the longest source and target (EOS included) over all splits. ``sample`` returns the
     whole split, in order, when ``batch_size`` reaches its size. ``input_size`` / ``output_size`` are the source and
-    target vocabulary sizes. Loss ``"seq2seq"`` (:meth:`jbptt.seq2seq.Seq2Seq.loss` with ``bos=BOS, eos=EOS``);
-    metrics :func:`seq2seq_metrics` on teacher-forced logits, headline ``exact_match``. ``info`` holds the
-    vocabularies (``src_vocab`` / ``tgt_vocab`` :class:`Vocab`), ``bos``, ``eos``, ``pad``, the numbers of each split
-    and the texts.
+    target vocabulary sizes. Loss ``"seq2seq"`` (:data:`seq2seq_loss`, i.e. :meth:`jbptt.seq2seq.Seq2Seq.loss` with
+    ``bos=BOS, eos=EOS``); metrics :func:`seq2seq_metrics` on teacher-forced logits, headline ``exact_match``.
+    ``info`` holds the vocabularies (``src_vocab`` / ``tgt_vocab`` :class:`Vocab`), ``bos``, ``eos``, ``pad``, the
+    numbers of each split and the texts.
     """
     if src == tgt:
         raise ValueError(f"translate: src and tgt are both {src!r}")
@@ -179,7 +195,7 @@ def translate(src: str = "en", tgt: str = "fr", low: int = 0, high: int = 9999, 
         check_split(split)
         src_ids, src_len, tgt_ids = data[split]
         rows = take_rows(key, src_len.shape[0], batch_size)
-        return Batch(src_ids[rows], tgt_ids[rows], None, src_len[rows])
+        return Batch((src_ids[rows], tgt_ids[rows]), tgt_ids[rows], None, src_len[rows])
 
     return Task(
         "translate",
