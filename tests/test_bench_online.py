@@ -35,10 +35,15 @@ def _point_ok(p):
             and p["peak_bytes"] == p["temp_bytes"] + p["state_bytes"] and len(p["times_s"]) >= 1)
 
 
-def _check_target(report):
+def _check_target(report, naive_fits=True):
     target = report["target"]
     assert set(target["points"]) == {"rtrl", "rtrl_nosplit", "naive"}
     assert all(_point_ok(p) for p in target["points"].values())
+    assert ("skipped" in target["points"]["naive"]) == (not naive_fits) == ("small" in target)
+    if not naive_fits:  # measured again where the naive RTRL fits
+        assert target["small"]["n"] < target["n"]
+        target = target["small"]
+        assert all(_point_ok(p) for p in target["points"].values())
     assert "skipped" not in target["points"]["naive"] and "skipped" not in target["points"]["rtrl"]
     assert ("skipped" in target["points"]["rtrl_nosplit"]) == (not report["split_supported"])
     assert target["ratios"]["time_naive_over_rtrl"] > 0 and target["ratios"]["cpu_time_naive_over_rtrl"] > 0
@@ -55,13 +60,14 @@ def _check_sweep(report, labels):
 
 def test_quick_target_and_sweep(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
+    # a basis limit between the quick target's naive basis (95^2 floats) and the smaller one's (52^2)
     assert bench.main(["--quick", "--case", "target", "--case", "sweep", "--estimators", "bptt,rtrl_nosplit",
-                       "--json", str(out)]) == 0
+                       "--naive-max-bytes", str(20e3 / 2**30), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     printed = capsys.readouterr().out
-    assert "### target" in printed and "### sweep over n" in printed and "### sweep over T" in printed
+    assert "### target" in printed and "### target (small" in printed and "### sweep over T" in printed
     assert report["quick"] and isinstance(report["split_supported"], bool) and "sparse" not in report
-    _check_target(report)
+    _check_target(report, naive_fits=False)
     _check_sweep(report, ["bptt", "rtrl_nosplit"])
 
 
