@@ -86,13 +86,23 @@ def make_sequence_train_step(estimator: GradientEstimator, optimizer: optax.Grad
     train_step = make_train_step(estimator, optimizer)
 
     def train_sequence(state: TrainState, batch: Batch):
-        B, T = batch_and_time(batch.inputs)
-        if reset:
-            resets = jnp.zeros((B, T), bool) if batch.resets is None else jnp.asarray(batch.resets, bool)
-            batch = batch._replace(resets=resets.at[:, 0].set(True))
-        return lax.scan(train_step, state, split_chunks(batch, k1))
+        return lax.scan(train_step, state, split_chunks(start_sequences(batch) if reset else batch, k1))
 
     return train_sequence
+
+
+def start_sequences(batch: Batch) -> Batch:
+    """``batch`` with a reset before every sequence's first step (``resets[:, 0] = True``), so a stateful estimator
+    starts it from the initial carry (and a fresh trace) whatever its state holds. Leaves ``[B, T, ...]``."""
+    B, T = batch_and_time(batch.inputs)
+    resets = jnp.zeros((B, T), bool) if batch.resets is None else jnp.asarray(batch.resets, bool)
+    return batch._replace(resets=resets.at[:, 0].set(True))
+
+
+def sequence_chunk(batch: Batch, k1: int, index) -> Batch:
+    """Chunk ``index`` (``0 <= index < ceil(T / k1)``, may be traced) of :func:`jbptt.batch.split_chunks`: leaves
+    ``[B, k1, ...]``, the last chunk right-padded and masked. Safe under ``jit``."""
+    return jax.tree.map(lambda a: a[index], split_chunks(batch, k1))
 
 
 def train_stream(train_step, state, chunks: Iterable[Batch], k1: int, *, on_metrics: Callable | None = None):

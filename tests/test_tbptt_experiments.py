@@ -40,17 +40,24 @@ def test_truncation_vs_lag_full_grid(tmp_path):
     assert len(result["rows"]) == 20
 
 
-def test_char_lm_stream_smoke(tmp_path):
-    import char_lm_tbptt
+def test_char_lm_stream_smoke(tmp_path, monkeypatch):
+    """The shipped stream config through its wrapper (= `jbptt run configs/char_lm_tbptt.yaml`), made tiny."""
+    import runpy
 
-    cfg = {"model": {"cell": "lstm", "hidden": 16}, "tbptt": {"k1": 10, "k2": 15},
-           "optimizer": {"lr": 0.01, "clip_norm": 1.0}, "training": {"batch_size": 4, "chunks": 4, "eval_every": 2},
-           "eval": {"batch_size": 128}, "seed": 0, "out": str(tmp_path)}
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = char_lm_tbptt.main(["--config", str(path), "--quiet"])
-    assert result["chunks"] == 4 and 0 < result["final_val_bpc"] < 7.0 and result["train_chars_per_s"] > 0
-    assert os.path.getsize(tmp_path / "char_lm_tbptt.json") > 0
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "char_lm_tbptt.py")
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", [script, "model.hidden=8", "training.steps=3", "training.eval_every=3",
+                                      "training.batch_size=4", "training.eval_batch_size=256", "logging.plots=false",
+                                      "logging.gradient_flow=false", "--run-dir", str(run), "--quiet"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(script, run_name="__main__")
+    assert e.value.code == 0
+    with open(run / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    assert 0 < summary["final"]["val"]["bpc"] < 7.0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["training"]["chunk"] == 50 and cfg["training"]["stateful_stream"] is True
 
 
 def test_readme_tbptt_example_runs():

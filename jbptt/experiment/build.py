@@ -5,6 +5,11 @@ an experiment validates its config before anything is written. :func:`build_mode
 closed-form fitters need (task, cell, loss); :func:`build` adds the gradient estimator (with its remat scan) and the
 optimizer for the training loop.
 
+Chunked training (``training.chunk: K``): :func:`build_estimator` builds the estimator with ``stateful=True`` so its
+state (carry, TBPTT window, RTRL influence) crosses the chunks; an estimator without a ``stateful`` option cannot be
+chunked. ``bptt`` chunked is defined: stateful BPTT over each chunk, i.e. TBPTT(K, K). With
+``training.stateful_stream: true`` the chunks come from the task's :class:`Stream` (:data:`STREAMS`).
+
 Precision. ``model.dtype: float64`` needs JAX's ``jax_enable_x64``, which JAX keeps per thread:
 :func:`precision` is the scoped switch (``jax.enable_x64``) that :func:`~jbptt.experiment.runner.train`, the ESN fit
 and :func:`~jbptt.experiment.compare.run` put around a whole run, since they hand back only host data. Builders
@@ -14,18 +19,25 @@ their caller, so they raise a :class:`ConfigError` when x64 is off (use them ins
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax import lax
 
 from jbptt import cells, ctc, fused, losses, remat
+from jbptt.batch import batch_and_time
 from jbptt.cells import Cell, learned_initial_carry, stack, trainable_mask, with_readout
-from jbptt.estimator import GradientEstimator, make_estimator
+from jbptt.estimator import ESTIMATORS, GradientEstimator, make_estimator
+from jbptt.experiment import translation
 from jbptt.experiment.config import Config, ConfigError
-from jbptt.tasks import Task, make_task
+from jbptt.tasks import Task, make_task, translate
+from jbptt.tasks.text import corpus_splits, lm_batch
 from jbptt.unroll import SequenceModel, bidirectional, sequence_stack
 
 
@@ -144,13 +156,20 @@ def build_cell(cfg: Config, output_size: int, source: str = "<config>") -> Cell 
 def build_model(cfg: Config, source: str = "<config>") -> Model:
     """Task, cell and loss of ``cfg``; every config problem raises :class:`ConfigError`."""
     task = build_task(cfg, source)
-    return Model(cfg, task, build_cell(cfg, task.output_size, source), task_loss(task))
+    if task.loss == "seq2seq":  # an encoder-decoder (jbptt.experiment.translation)
+        cell = translation.seq2seq_model(cfg, task, float_dtype(cfg, source), source)
+    else:
+        cell = build_cell(cfg, task.output_size, source)
+    return Model(cfg, task, cell, task_loss(task))
 
 
 def task_loss(task: Task):
     """The loss the task names: a per-step loss of :data:`jbptt.losses.LOSSES`, or ``"ctc"``: the whole-sequence
     CTC loss (:func:`jbptt.ctc.ctc_sequence_loss`, nats per valid frame), which only whole-sequence estimators
-    (``bptt``) take."""
+    (``bptt``) take; ``"seq2seq"``: the token cross-entropy of teacher-forced logits
+    (:data:`jbptt.tasks.translate.seq2seq_loss`), also whole-sequence."""
+    if task.loss == "seq2seq":
+        return translate.seq2seq_loss
     if task.loss == "ctc":
         return ctc.ctc_sequence_loss(blank_id=task.info.get("blank", ctc.BLANK))
     return losses.get_loss(task.loss)
@@ -231,9 +250,18 @@ def build_optimizer(cfg: Config, params, source: str = "<config>"):
 
 
 def build_estimator(cfg: Config, cell: Cell, loss_fn, source: str = "<config>") -> GradientEstimator:
-    """The registered gradient estimator of ``cfg.estimator``, with the remat scan of ``cfg.remat`` if any."""
+    """The registered gradient estimator of ``cfg.estimator``, with the remat scan of ``cfg.remat`` if any, and
+    ``stateful=True`` when ``training.chunk`` is set (see the module docstring)."""
     e = cfg.estimator
     options = dict(e.options)
+    if cfg.training.chunk is not None and e.name in ESTIMATORS:
+        if "stateful" not in inspect.signature(ESTIMATORS[e.name]).parameters:
+            raise ConfigError("training.chunk", f"estimator {e.name!r} has no stateful option, so its state cannot "
+                              "cross chunks; leave training.chunk unset", source)
+        if options.get("stateful", True) is not True:
+            raise ConfigError("estimator.options.stateful", "training.chunk needs a stateful estimator (its state "
+                              "crosses the chunks); leave the option out, it is set to true", source)
+        options["stateful"] = True
     if cfg.remat.policy != "none":
         try:
             options["scan"] = remat.scan_from_config({"policy": cfg.remat.policy, **cfg.remat.options})
@@ -251,6 +279,7 @@ def build_estimator(cfg: Config, cell: Cell, loss_fn, source: str = "<config>") 
 def build(cfg: Config, source: str = "<config>") -> Experiment:
     """Builds task, cell, loss, estimator and optimizer; every config problem raises :class:`ConfigError`."""
     model = build_model(cfg, source)
+    check_chunking(cfg, model.task, source)
     estimator = build_estimator(cfg, model.cell, model.loss_fn, source)
     try:  # concrete: some inits use numpy; a bad option value (forget_bias: abc) fails here
         params = model.cell.init(jax.random.key(0), model.task.input_size)
@@ -270,3 +299,97 @@ def dry_run_optimizer(cfg: Config, optimizer, params, source: str = "<config>") 
     except (TypeError, ValueError) as e:
         raise ConfigError("optimizer.options", f"optimizer {cfg.optimizer.name!r}: {type(e).__name__}: {e}",
                           source) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chunks and streams.
+
+
+class Stream(NamedTuple):
+    """A split of a task's data read as ``rows`` parallel streams, cut into consecutive chunks of ``length`` steps:
+    the final carry of chunk ``k`` is the right initial carry of chunk ``k + 1``.
+
+    Attributes:
+      rows: the number of parallel streams (the batch size ``B``).
+      length: the chunk length ``K``.
+      n_chunks: the chunks in one pass over the split.
+      chunk: ``chunk(k) -> Batch`` with leaves ``[rows, length, ...]`` for ``0 <= k < n_chunks`` (``k`` may be traced;
+        jittable).
+    """
+
+    rows: int
+    length: int
+    n_chunks: int
+    chunk: Callable
+
+
+def text_stream(task: Task, rows: int, length: int, split: str, dtype: str) -> Stream:
+    """The text corpus of the ``chars`` task as a :class:`Stream`: the split cut into ``rows`` equal streams, chunk
+    ``k`` holding characters ``k * length .. (k + 1) * length`` of each (the batches of
+    :func:`jbptt.tasks.text.text_stream`, as a pure function of ``k``)."""
+    del task
+    ids = corpus_splits()[split]
+    per = (len(ids) - 1) // rows
+    n = (per - 1) // length
+    if n < 1:
+        raise ValueError(f"split {split!r} is too short for {rows} streams of chunks of {length}")
+    data = jnp.asarray(np.stack([ids[b * per:(b + 1) * per] for b in range(rows)]))
+    return Stream(rows, length, n, lambda k: lm_batch(lax.dynamic_slice_in_dim(data, k * length, length + 1, 1),
+                                                     dtype))
+
+
+STREAMS = {"chars": text_stream}
+"""The tasks that provide a stream, by task name: ``stream(task, rows, length, split, dtype) -> Stream``."""
+
+
+def build_stream(cfg: Config, task: Task, split: str, rows: int, source: str = "<config>") -> Stream:
+    """The :class:`Stream` of ``split`` in chunks of ``training.chunk`` steps (``training.stateful_stream``).
+
+    Raises:
+      ConfigError: the task provides no stream, or the split is too short for ``rows`` streams of such chunks.
+    """
+    if task.name not in STREAMS:
+        raise ConfigError("training.stateful_stream", f"task {task.name!r} provides no stream; the tasks with one "
+                          f"are {sorted(STREAMS)}", source)
+    try:
+        return STREAMS[task.name](task, rows, cfg.training.chunk, split, cfg.model.dtype)
+    except ValueError as e:
+        raise ConfigError("training.chunk", str(e), source) from None
+
+
+def sequence_length(task: Task) -> int:
+    """The length ``T`` of the task's training sequences (read abstractly, nothing is sampled)."""
+    shape = jax.eval_shape(lambda k: task.sample(k, 1, "train"), jax.random.key(0))
+    return batch_and_time(shape.inputs)[1]
+
+
+def chunks_per_sequence(cfg: Config, task: Task) -> int:
+    """Optimizer steps per batch of sequences: ``ceil(T / training.chunk)`` (1 without chunks; every step reads
+    the next chunk of the stream with ``training.stateful_stream``)."""
+    t = cfg.training
+    return 1 if t.chunk is None or t.stateful_stream else math.ceil(sequence_length(task) / t.chunk)
+
+
+def check_chunking(cfg: Config, task: Task, source: str = "<config>") -> None:
+    """Raises :class:`ConfigError` for an impossible ``training.chunk`` / ``training.stateful_stream``: a stream
+    without a chunk length, a task without a stream, a chunk longer than the task's sequences or its stream, a
+    whole-sequence model (bidirectional) or loss (ctc) in chunks."""
+    t, bi = cfg.training, cfg.model.bidirectional
+    if t.chunk is not None and (any(bi) if isinstance(bi, list) else bi):
+        raise ConfigError("training.chunk", "a model with model.bidirectional reads whole sequences; it cannot be "
+                          "trained in chunks", source)
+    if t.chunk is not None and task.loss == "ctc":
+        raise ConfigError("training.chunk", f"task {task.name!r} has a whole-sequence loss (ctc); it cannot be "
+                          "trained in chunks", source)
+    if t.chunk is None:
+        if t.stateful_stream:
+            raise ConfigError("training.stateful_stream", "needs training.chunk (the length of the chunks the "
+                              "stream is read in)", source)
+        return
+    if t.stateful_stream:
+        build_stream(cfg, task, "train", t.batch_size, source)
+        build_stream(cfg, task, "val", t.eval_batch_size, source)
+        return
+    T = sequence_length(task)
+    if t.chunk > T:
+        raise ConfigError("training.chunk", f"must be <= the task's sequence length T = {T}, got {t.chunk}", source)

@@ -8,7 +8,9 @@ through :func:`make_eval_fn`.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jbptt import diagnostics, losses
 from jbptt.unroll import SequenceModel, unroll
@@ -21,11 +23,35 @@ def make_eval_fn(model):
     @jax.jit
     def eval_fn(params, b):
         _, ys = unroll(model.cell, params, b.inputs, seq_lengths=b.seq_lengths, resets=b.resets)
-        m = dict(model.task.metrics(ys, b))
-        m.setdefault("loss", losses.sequence_loss(model.loss_fn, ys, b.targets, b.weights(ys.dtype)))
-        return m
+        return _metrics(model, ys, b)
 
     return eval_fn
+
+
+def _metrics(model, ys, b):
+    m = dict(model.task.metrics(ys, b))
+    m.setdefault("loss", losses.sequence_loss(model.loss_fn, ys, b.targets, b.weights(ys.dtype)))
+    return m
+
+
+def make_stream_evaluator(model, stream):
+    """``evaluate(params) -> dict`` of floats over a whole :class:`~jbptt.experiment.build.Stream`: the chunks are
+    run in order from the initial carry, the carry kept from one to the next (one jitted ``lax.scan``), and each
+    chunk's metrics (:func:`make_eval_fn`'s) are averaged with the weight of its loss weights, so the loss-like
+    metrics (loss, accuracy, bits per character) are those of the whole stream."""
+
+    @jax.jit
+    def run(params):
+        def body(carry, k):
+            b = stream.chunk(k)
+            carry, ys = unroll(model.cell, params, b.inputs, carry, seq_lengths=b.seq_lengths, resets=b.resets)
+            return carry, (_metrics(model, ys, b), jnp.sum(b.weights(ys.dtype)))
+
+        carry = model.cell.initial_carry(params, (stream.rows,))
+        _, (ms, w) = lax.scan(body, carry, jnp.arange(stream.n_chunks))
+        return {name: jnp.sum(v * w) / jnp.sum(w) for name, v in ms.items()}
+
+    return lambda params: {name: float(v) for name, v in sorted(jax.device_get(run(params)).items())}
 
 
 def make_evaluator(model, split: str, batch_size: int, n_batches: int, key, eval_fn=None):

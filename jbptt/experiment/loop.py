@@ -6,6 +6,13 @@ training inputs lets the estimator allocate all its state up front, so the state
 checkpoints and the data-parallel layout), then :func:`jbptt.train.make_train_step` (or :mod:`jbptt.parallel`)
 every step.
 
+Segments: with ``training.chunk: K`` every batch ``[B, T]`` is fed in consecutive chunks of ``K`` steps, one
+optimizer step per chunk, the (stateful) estimator's state crossing the chunks; with ``training.stateful_stream``
+the chunks are consecutive pieces of the task's stream and the state crosses batches too (:func:`batch_fn`). Steps
+count optimizer steps, and the data of step ``s`` is a function of ``s``, so the checkpoint (train state with the
+estimator state, at its step) is also the stream position. Truncated BPTT over a stream, online RTRL with an update
+every ``K`` steps and the comparison's learning curves all run here.
+
 Reproducibility: the batch of step ``s`` is ``task.sample(fold_in(data_key, s))`` and every other random choice is
 derived from ``config.seed`` too (:func:`~jbptt.experiment.build.run_keys`), so a run is a pure function of its
 config, and a run killed at any point and resumed from its last checkpoint logs the same metrics bit for bit (apart
@@ -32,10 +39,10 @@ import numpy as np
 from jbptt import checkpoint as ckpt
 from jbptt import parallel
 from jbptt.experiment import plots, rundir
-from jbptt.experiment.build import Experiment, RunKeys, build, run_keys
+from jbptt.experiment.build import Experiment, RunKeys, build, build_stream, chunks_per_sequence, run_keys
 from jbptt.experiment.config import Config, ConfigError
-from jbptt.experiment.evaluate import make_eval_fn, make_evaluator, make_gradient_flow
-from jbptt.train import TrainState, init_train_state, make_train_step
+from jbptt.experiment.evaluate import make_eval_fn, make_evaluator, make_gradient_flow, make_stream_evaluator
+from jbptt.train import TrainState, init_train_state, make_train_step, sequence_chunk, start_sequences
 from jbptt.unroll import with_step_keys
 
 STATUS_EXIT_CODES = {"completed": 0, "early_stopped": 0, "halted_nan": 1}
@@ -54,25 +61,37 @@ class Start(NamedTuple):
     inputs: Any  # the inputs of step 0's batch, leaves [B, T, ...]
 
 
-def batch_fn(exp: Experiment, keys: RunKeys) -> Callable:
-    """``make_batch(step) -> Batch``: the training batch of ``step`` (a pure function of the seed and the step;
-    jittable), with per-step dropout keys attached to the inputs when the model has dropout."""
+def batch_fn(exp: Experiment, keys: RunKeys, source: str = "<config>") -> Callable:
+    """``make_batch(step) -> Batch``: the training batch of optimizer step ``step`` (a pure function of the seed and
+    the step; jittable), with per-step dropout keys attached to the inputs when the model has dropout.
+
+    Without ``training.chunk`` it is batch ``step`` of sequences, ``task.sample(fold_in(data, step))``. With
+    ``chunk: K`` it is chunk ``step % n`` of batch ``step // n`` (``n = ceil(T / K)``; the first chunk flags a reset,
+    the last is padded and masked). With ``stateful_stream`` it is chunk ``step % n_chunks`` of the task's training
+    stream (cycling over the split), so the stream position is a function of the checkpointed step.
+    """
     t, dropout = exp.config.training, exp.config.model.dropout > 0
 
-    def make_batch(step):
-        b = exp.task.sample(jax.random.fold_in(keys.data, step), t.batch_size, "train")
-        if dropout:
-            b = b._replace(inputs=with_step_keys(b.inputs, jax.random.fold_in(keys.dropout, step)))
-        return b
+    def with_keys(b, index):
+        return b._replace(inputs=with_step_keys(b.inputs, jax.random.fold_in(keys.dropout, index))) if dropout else b
 
-    return make_batch
+    def sequences(index):
+        return with_keys(exp.task.sample(jax.random.fold_in(keys.data, index), t.batch_size, "train"), index)
+
+    if t.chunk is None:
+        return sequences
+    if t.stateful_stream:
+        stream = build_stream(exp.config, exp.task, "train", t.batch_size, source)
+        return lambda step: with_keys(stream.chunk(step % stream.n_chunks), step)
+    n = chunks_per_sequence(exp.config, exp.task)
+    return lambda step: sequence_chunk(start_sequences(sequences(step // n)), t.chunk, step % n)
 
 
 def start(exp: Experiment, keys: RunKeys, make_batch) -> Start:
     """The run's initial parameters (from ``keys.init``), carry and example inputs."""
     params = exp.cell.init(keys.init, exp.task.input_size)
     carry = exp.cell.initial_carry(params, (exp.config.training.batch_size,))
-    return Start(params, carry, make_batch(0).inputs)
+    return Start(params, carry, jax.jit(make_batch)(0).inputs)  # one compiled program, not op by op
 
 
 def initial_state(exp: Experiment, keys: RunKeys, s: Start) -> TrainState:
@@ -154,6 +173,7 @@ class Session:
     t0: float
     saved_step: int | None = None  # the step of checkpoints/last.msgpack (None: not written yet)
     consecutive_skips: int = 0  # steps skipped in a row (on_nan: skip); not checkpointed
+    extra_metrics: Callable | None = None  # extra_metrics(step, params) -> dict, logged with each validation
 
     def kept(self) -> str:
         """What a halted run leaves to resume from, for the halt message."""
@@ -207,7 +227,8 @@ class Session:
         t, b = self.exp.config.training, self.book
         host = self.loop.gather(state)
         vm = self.evaluate(host.params)
-        self.log({"step": step, "split": "val", **vm, "time": round(self.elapsed(), 3)})
+        extra = self.extra_metrics(step, host.params) if self.extra_metrics is not None else {}
+        self.log({"step": step, "split": "val", **vm, **extra, "time": round(self.elapsed(), 3)})
         bad = sorted(k for k, v in vm.items() if not math.isfinite(v))
         if bad:
             return f"non-finite validation {', '.join(f'{k} {vm[k]}' for k in bad)} at step {step}; run halted " \
@@ -306,17 +327,28 @@ def restore(run_dir: str, template):
     return None
 
 
+def make_split_evaluator(exp: Experiment, split: str, key, eval_fn, source: str = "<config>") -> Callable:
+    """``evaluate(params) -> dict`` on ``split``: ``eval_batches`` fixed batches of whole sequences, or with
+    ``training.stateful_stream`` the whole split read as ``eval_batch_size`` streams (carry kept)."""
+    t = exp.config.training
+    if t.stateful_stream:
+        return make_stream_evaluator(exp, build_stream(exp.config, exp.task, split, t.eval_batch_size, source))
+    return make_evaluator(exp, split, t.eval_batch_size, t.eval_batches, key, eval_fn)
+
+
 def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quiet: bool = True,
-                      source: str = "<config>", overwrite: bool = False) -> dict:
+                      source: str = "<config>", overwrite: bool = False, extra_metrics: Callable | None = None) -> dict:
     """Trains the model of ``cfg`` with its gradient estimator; see :func:`jbptt.experiment.runner.train`.
 
     Needs ``jax_enable_x64`` on for a float64 config (``runner.train`` scopes it). Returns the summary.
+    ``extra_metrics(step, params) -> dict`` of floats, if given, is logged with every validation record (the
+    comparison's gradient alignment; not checked for NaN, not used for early stopping).
     """
     main = jax.process_index() == 0  # only process 0 writes files in a multi-process run
     exp = build(cfg, source)
     t, lg = cfg.training, cfg.logging
     keys = run_keys(cfg.seed)
-    make_batch = batch_fn(exp, keys)
+    make_batch = batch_fn(exp, keys, source)
     s = start(exp, keys, make_batch)
     loop = make_loop(exp, s, make_batch, source)
     host_state, book, best_params = dry_run(exp, keys, s, make_batch, source)
@@ -333,9 +365,10 @@ def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool =
     flow = make_gradient_flow(exp, keys.flow, lg.gradient_flow_batch) if lg.gradient_flow else None
     flows = _start_flow(run_dir, flow, s.params, resume, main)
     eval_fn = make_eval_fn(exp)
-    evaluate = make_evaluator(exp, "val", t.eval_batch_size, t.eval_batches, keys.eval, eval_fn)
+    evaluate = make_split_evaluator(exp, "val", keys.eval, eval_fn, source)
     sess = Session(exp, loop, run_dir, main, book, best_params, evaluate, rundir.MetricsLog(run_dir, main),
-                   time.monotonic() - float(book["elapsed"]), first if restored is not None else None)
+                   time.monotonic() - float(book["elapsed"]), first if restored is not None else None,
+                   extra_metrics=extra_metrics)
     if sess.saved_step is None:  # a step-0 checkpoint: a run stopped at any point from here on can be resumed
         sess.save_last(loop.place(host_state))
     progress = rundir.Progress(t.steps, first, quiet or not main)
@@ -352,8 +385,7 @@ def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool =
         summary["signal"] = out.signal
     if out.status in ("completed", "early_stopped"):  # (after a halt the state may be the failed step's)
         host = loop.gather(out.state)
-        test = make_evaluator(exp, "test", t.eval_batch_size, t.eval_batches, jax.random.fold_in(keys.eval, 1),
-                              eval_fn)
+        test = make_split_evaluator(exp, "test", jax.random.fold_in(keys.eval, 1), eval_fn, source)
         summary["final"] = {"val": evaluate(host.params), "test": test(host.params)}
         if int(book["best_step"]) >= 0:
             summary["best"] = {"step": int(book["best_step"]), "val": float(book["best"]),

@@ -14,6 +14,7 @@ folder is described in :mod:`jbptt.experiment.rundir`; :func:`load_run` reads on
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import jax
@@ -22,7 +23,7 @@ from jbptt import checkpoint as ckpt
 from jbptt import parallel
 from jbptt.experiment import esn, loop, rundir
 from jbptt.experiment.build import build, build_model, float_dtype, precision, run_keys
-from jbptt.experiment.config import Config, load_config
+from jbptt.experiment.config import Config, ConfigError, load_config
 from jbptt.experiment.loop import STATUS_EXIT_CODES, train_by_gradient
 
 __all__ = ["FITTERS", "STATUS_EXIT_CODES", "load_run", "start_processes", "train"]
@@ -45,7 +46,7 @@ def start_processes(cfg: Config) -> bool:
 
 
 def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quiet: bool = True,
-          source: str = "<config>", overwrite: bool = False) -> dict:
+          source: str = "<config>", overwrite: bool = False, extra_metrics=None) -> dict:
     """Trains (or fits) the model of ``cfg`` and returns the run's summary (also written to ``summary.json``).
 
     The whole run executes with ``jax_enable_x64`` scoped to ``model.dtype`` (on for float64, off otherwise;
@@ -59,6 +60,8 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quie
       quiet: no progress bar on stderr.
       overwrite: replace a run already in ``run_dir`` (not resuming; otherwise that is a ConfigError).
       source: the config's file name, for error messages.
+      extra_metrics: optional ``extra_metrics(step, params) -> dict`` of floats logged with every validation record
+        of a gradient-trained run (see :func:`~jbptt.experiment.loop.train_by_gradient`; fitters ignore it).
 
     Returns:
       The summary dict: ``status`` (``completed``, ``early_stopped``, ``halted_nan`` or ``interrupted``), ``steps``,
@@ -70,7 +73,10 @@ def train(cfg: Config, run_dir: str | None = None, *, resume: bool = False, quie
       ConfigError: also when resuming a run another process is running (a lock in the run folder).
     """
     start_processes(cfg)
-    fit = FITTERS.get(cfg.estimator.name, train_by_gradient)
+    fit = FITTERS.get(cfg.estimator.name) or functools.partial(train_by_gradient, extra_metrics=extra_metrics)
+    if cfg.estimator.name in FITTERS and (cfg.training.chunk is not None or cfg.training.stateful_stream):
+        raise ConfigError("training.chunk", f"estimator {cfg.estimator.name!r} is fitted in closed form, not "
+                          "trained in chunks; leave training.chunk and training.stateful_stream unset", source)
     locked = resume and run_dir is not None and os.path.isdir(run_dir) and jax.process_index() == 0
     with precision(cfg.model.dtype), rundir.run_lock(run_dir) if locked else contextlib.nullcontext():
         return fit(cfg, run_dir, resume=resume, quiet=quiet, source=source, overwrite=overwrite)
