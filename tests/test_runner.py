@@ -331,3 +331,14 @@ def test_shipped_remat_config_trains_like_the_plain_scan(tmp_path):
     ma, mb = metrics_without_time(tmp_path / "sqrt"), metrics_without_time(tmp_path / "none")
     losses = [(x["loss"], y["loss"]) for x, y in zip(ma, mb, strict=True) if "loss" in x]
     assert losses and all(abs(x - y) < 1e-4 * max(1.0, abs(y)) for x, y in losses), losses
+
+
+def test_tensorboard_switch_writes_event_files_next_to_the_metrics(tmp_path):
+    pytest.importorskip("tensorboardX")
+    raw = tiny_raw(tmp_path, training={"steps": 4, "eval_every": 2, "checkpoint_every": 2},
+                   logging={"log_every": 2, "tensorboard": True})
+    summary = train(parse_config(raw), str(tmp_path / "r"))
+    assert summary["status"] == "completed"
+    events = os.listdir(tmp_path / "r" / "tensorboard")
+    assert events and all(e.startswith("events.out.tfevents.") for e in events)
+    assert os.path.getsize(tmp_path / "r" / "tensorboard" / events[0]) > 0

@@ -352,6 +352,8 @@ def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool =
     s = start(exp, keys, make_batch)
     loop = make_loop(exp, s, make_batch, source)
     host_state, book, best_params = dry_run(exp, keys, s, make_batch, source)
+    if lg.tensorboard and main:
+        rundir.check_tensorboard()  # the optional package: a ConfigError before anything is written
     run_dir = rundir.open_run_dir(cfg, run_dir, resume=resume, write=main, overwrite=overwrite)
     restored = restore(run_dir, (host_state, book, best_params)) if resume else None
     if restored is not None:
@@ -366,7 +368,8 @@ def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool =
     flows = _start_flow(run_dir, flow, s.params, resume, main)
     eval_fn = make_eval_fn(exp)
     evaluate = make_split_evaluator(exp, "val", keys.eval, eval_fn, source)
-    sess = Session(exp, loop, run_dir, main, book, best_params, evaluate, rundir.MetricsLog(run_dir, main),
+    log = rundir.MetricsLog(run_dir, main, tensorboard=lg.tensorboard, purge_step=first if resume else None)
+    sess = Session(exp, loop, run_dir, main, book, best_params, evaluate, log,
                    time.monotonic() - float(book["elapsed"]), first if restored is not None else None,
                    extra_metrics=extra_metrics)
     if sess.saved_step is None:  # a step-0 checkpoint: a run stopped at any point from here on can be resumed
