@@ -35,6 +35,12 @@ def test_compare_writes_the_report(tmp_path):
     curves = report["training"]["curves"]
     # stateful estimators update every online_chunk steps (2 chunks a sequence), the others once per sequence
     assert curves["rtrl_jvp"]["updates"][-1] == 4 and curves["bptt"]["updates"][-1] == 2
+    # the curves are runs of the runner's loop (training.chunk = online_chunk), one folder per estimator
+    run = yaml.safe_load((out / "runs" / "rtrl_jvp" / "config.yaml").read_text())
+    assert run["training"]["chunk"] == 3 and run["training"]["steps"] == 4 and run["estimator"]["name"] == "rtrl"
+    assert yaml.safe_load((out / "runs" / "bptt" / "config.yaml").read_text())["training"]["chunk"] is None
+    assert curves["rtrl_jvp"]["iteration"] == [2.0] and len(curves["rtrl_jvp"]["align_cosine"]) == 1
+    assert curves["rtrl_jvp"]["align_cosine"][0] == pytest.approx(1.0)  # exact RTRL along its own training
     tiny = report["scaling"]["tiny"]["estimators"]
     assert len(tiny["bptt"]["points"]) == 2 and tiny["bptt"]["memory_exponent"]["all"] is not None
     assert "max_influence_bytes" in tiny["rtrl"]["skipped"]  # the size guard stops the series with its reason
@@ -49,6 +55,7 @@ def test_compare_writes_the_report(tmp_path):
     ({"reference": "rtrl_jvp_typo"}, "estimators"),
     ({"bogus": 1}, "bogus"),
     ({"training": {"online_chunk": 0}}, "training.online_chunk"),
+    ({"training": {"online_chunk": 7}}, "training.online_chunk"),  # longer than the sequences (T = 6)
     ({"scaling": {"series": [{"cell": "elman", "vary": "x", "values": [1, 2], "estimators": ["bptt"]}]}},
      "scaling.series[0].vary"),
 ])

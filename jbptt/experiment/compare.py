@@ -27,11 +27,13 @@ A config (YAML, see ``configs/compare_small.yaml``)::
     seed: 0
     out_dir: runs/compare_small
 
-The harness talks only to the estimator protocol. Every estimator's state is initialised afresh for every batch of
-sequences (``init(params, carry, key=, inputs=)``). Estimators configured ``stateful: true`` (they carry their state
-from one update to the next) are trained with an optimizer update every ``training.online_chunk`` steps, their state
-carried between the chunks of a sequence; the others update once per sequence. Agreement is always measured on
-whole sequences from the initial carry. Timings are medians of ``repeats`` calls of the compiled update; memory is
+The harness talks only to the estimator protocol. Agreement is always measured on whole sequences from the initial
+carry, with a fresh estimator state (``init(params, carry, key=, inputs=)``). The learning curves are runs of the
+training loop of ``jbptt run`` (:func:`jbptt.experiment.runner.train`, one run folder per estimator under
+``<out>/runs/<label>``): estimators configured ``stateful: true`` are trained with ``training.chunk:
+online_chunk`` (an optimizer update every ``online_chunk`` steps, their state carried between the chunks of a
+sequence and restarted at each new batch by a reset), the others once per sequence. Timings are medians of
+``repeats`` calls of the compiled update; memory is
 ``compile().memory_analysis().temp_size_in_bytes``. Each section runs with ``jax_enable_x64`` scoped to its dtype
 (``model.dtype``; ``scaling.dtype``).
 """
@@ -58,22 +60,24 @@ from jbptt.cells import CELLS, with_readout
 from jbptt.checkpoint import atomic_write
 from jbptt.diagnostics import cosine_similarity, relative_error
 from jbptt.estimator import make_estimator
-from jbptt.estimators.online import split_segment
-from jbptt.experiment.build import build_model, build_optimizer, precision
+from jbptt.experiment import rundir, runner
+from jbptt.experiment.build import build_model, precision, sequence_length
 from jbptt.experiment.compare_report import markdown, plot_agreement, plot_scaling, plot_training
 from jbptt.experiment.config import (
     Config,
     ConfigError,
+    EstimatorConfig,
+    LoggingConfig,
     ModelConfig,
     OptimizerConfig,
     TaskConfig,
     TrainingConfig,
     apply_overrides,
     parse_section,
+    validate,
 )
-from jbptt.experiment.evaluate import make_eval_fn
 from jbptt.experiment.rundir import machine_info
-from jbptt.train import TrainState, make_train_step
+from jbptt.tasks import make_task
 
 SECTIONS = ("agreement", "scaling", "training")
 
@@ -223,6 +227,14 @@ def parse_compare_config(raw, source: str = "<config>") -> CompareConfig:
     chunk = cfg.training.online_chunk
     if chunk is not None and chunk < 1:
         raise ConfigError("training.online_chunk", f"must be >= 1, got {chunk}", source)
+    if chunk is not None:
+        try:
+            T = sequence_length(make_task(cfg.task.name, **cfg.task.options))
+        except (TypeError, ValueError) as e:
+            raise ConfigError("task", str(e), source) from None
+        if chunk > T:
+            raise ConfigError("training.online_chunk", f"must be <= the task's sequence length T = {T}, got {chunk}",
+                              source)
     return cfg
 
 
@@ -247,14 +259,10 @@ def _flat(tree):
 
 
 def _model(cfg: CompareConfig):
-    """``(model, params, optimizer)``: the task, cell and loss of ``cfg`` (built like a runner config), the initial
-    parameters and the optimizer."""
-    base = Config(task=cfg.task, model=cfg.model, optimizer=cfg.optimizer,
-                  training=TrainingConfig(steps=cfg.training.steps), seed=cfg.seed)
-    model = build_model(base)
-    params = model.cell.init(jax.random.key(cfg.seed), model.task.input_size)
-    optimizer, _ = build_optimizer(base, params)
-    return model, params, optimizer
+    """``(model, params)``: the task, cell and loss of ``cfg`` (built like a runner config) and the initial
+    parameters of the agreement section."""
+    model = build_model(Config(task=cfg.task, model=cfg.model, optimizer=cfg.optimizer, seed=cfg.seed))
+    return model, model.cell.init(jax.random.key(cfg.seed), model.task.input_size)
 
 
 def _init(est, cell, params, batch: Batch, key):
@@ -293,71 +301,66 @@ def gradient_agreement(cfg: CompareConfig, task, params, fns) -> dict:
             "alignment_matrix": matrix.tolist()}
 
 
-def _block(tree):
-    return jax.block_until_ready(tree)
+def _training_config(cfg: CompareConfig, spec: EstimatorSpec, out_dir: str, chunk: int | None, n: int) -> Config:
+    """The runner config that trains ``spec`` for the learning curves: ``training.steps`` batches of sequences,
+    ``n`` optimizer steps (chunks of ``chunk`` steps) per batch for a chunked estimator, 1 for the others."""
+    tc = cfg.training
+    # training.chunk makes a chunked estimator stateful; the others start every batch from the initial carry
+    options = {k: v for k, v in spec.options.items() if k != "stateful"}
+    run = Config(task=cfg.task, model=cfg.model, optimizer=cfg.optimizer, estimator=EstimatorConfig(spec.name, options),
+                 training=TrainingConfig(steps=tc.steps * n, batch_size=tc.batch_size, eval_every=tc.eval_every * n,
+                                         eval_batch_size=tc.eval_batch_size, checkpoint_every=tc.steps * n,
+                                         chunk=chunk),
+                 logging=LoggingConfig(root=out_dir, name=spec.label, log_every=tc.eval_every * n, plots=False,
+                                       gradient_flow=False),
+                 seed=cfg.seed)
+    validate(run)
+    return run
 
 
-def learning_curves(cfg: CompareConfig, model, params0, optimizer, estimators, fns) -> dict:
-    """Trains each estimator from the same parameters on the same batches; returns curves per label.
+def learning_curves(cfg: CompareConfig, model, fns, out_dir: str) -> dict:
+    """Trains each estimator with the runner (:func:`jbptt.experiment.runner.train`, one run folder per label
+    under ``<out_dir>/runs``) from the same parameters on the same batches; returns curves per label, read from
+    the runs' ``metrics.jsonl`` (``wall_time``: the run's elapsed time, compilation and evaluation included).
 
-    ``fns``: per label, the jitted fresh-state gradient (for the cosine to the reference along training).
+    ``fns``: per label, the jitted fresh-state gradient, for the cosine to the reference logged with the
+    validations whose iteration is a multiple of ``align_every`` (and the last).
     """
-    tc, task, cell = cfg.training, model.task, model.cell
-    data_key, init_key = jax.random.key(cfg.seed + 2), jax.random.key(cfg.seed + 6)
-    val = task.sample(jax.random.key(cfg.seed + 3), tc.eval_batch_size, "val")
+    tc, task = cfg.training, model.task
     align_batch = task.sample(jax.random.key(cfg.seed + 4), cfg.agreement.batch_size, "val")
-    eval_fn = make_eval_fn(model)
-    ref_grad = fns[cfg.reference]
+    T = sequence_length(task)
     out = {}
     for spec in cfg.estimators:
-        est, grad_fn = estimators[spec.label], fns[spec.label]
-        online = spec.stateful and tc.online_chunk is not None
-        step = jax.jit(make_train_step(est, optimizer))
-        init_est = jax.jit(lambda p, b, k, est=est: _init(est, cell, p, b, k))
+        chunk = tc.online_chunk if spec.stateful else None
+        n = -(-T // chunk) if chunk else 1
+        grad_fn, ref_grad = fns[spec.label], fns[cfg.reference]
 
-        def segments(batch, online=online):
-            return split_segment(batch, tc.online_chunk) if online else [batch]
+        def align(step, params, n=n, grad_fn=grad_fn, ref_grad=ref_grad):
+            it = step // n
+            if it % tc.align_every and it != tc.steps:
+                return {}
+            key = jax.random.fold_in(jax.random.key(cfg.seed + 5), it)
+            g, g_ref = grad_fn(params, align_batch, key), ref_grad(params, align_batch, key)
+            return {"align_cosine": float(cosine_similarity(g, g_ref)),
+                    "align_relative_error": float(relative_error(g, g_ref))}
 
-        def fresh_state(params, opt_state, step_count, it, batch, init_est=init_est):
-            return TrainState(params, opt_state, init_est(params, batch, jax.random.fold_in(init_key, it)),
-                              step_count)
-
-        # compile outside the timed loop
-        first = task.sample(data_key, tc.batch_size, "train")
-        warm = fresh_state(params0, optimizer.init(params0), jnp.zeros((), jnp.int32), 0, first)
-        for seg in segments(first):
-            _block(step(warm, seg))
-        params, opt_state, count = params0, optimizer.init(params0), jnp.zeros((), jnp.int32)
-        curve = {"iteration": [], "updates": [], "wall_time": [], "loss": [], "metric": [],
-                 "align_iteration": [], "align_cosine": [], "align_relative_error": []}
-        elapsed, updates = 0.0, 0
-        for it in range(tc.steps + 1):
-            if it % tc.eval_every == 0 or it == tc.steps:
-                m = jax.device_get(eval_fn(params, val))
-                curve["iteration"].append(it)
-                curve["updates"].append(updates)
-                curve["wall_time"].append(elapsed)
-                curve["loss"].append(float(m["loss"]))
-                curve["metric"].append(float(m.get(task.metric, np.nan)))
-            if it % tc.align_every == 0 or it == tc.steps:
-                key = jax.random.fold_in(jax.random.key(cfg.seed + 5), it)
-                g, g_ref = grad_fn(params, align_batch, key), ref_grad(params, align_batch, key)
-                curve["align_iteration"].append(it)
-                curve["align_cosine"].append(float(cosine_similarity(g, g_ref)))
-                curve["align_relative_error"].append(float(relative_error(g, g_ref)))
-            if it == tc.steps:
-                break
-            batch = task.sample(jax.random.fold_in(data_key, it), tc.batch_size, "train")
-            state = fresh_state(params, opt_state, count, it, batch)
-            t0 = time.perf_counter()
-            for seg in segments(batch):
-                state, _ = step(state, seg)
-                updates += 1
-            _block(state.params)
-            elapsed += time.perf_counter() - t0
-            params, opt_state, count = state.params, state.opt_state, state.step
-        curve["online_chunk"] = tc.online_chunk if online else None
-        out[spec.label] = curve
+        try:
+            run_cfg = _training_config(cfg, spec, os.path.join(out_dir, "runs"), chunk, n)
+            run_dir = os.path.join(out_dir, "runs", spec.label)
+            summary = runner.train(run_cfg, run_dir, overwrite=True, extra_metrics=align)
+        except ConfigError as e:
+            path = "training.online_chunk" if e.path.startswith("training.chunk") else f"estimators ({spec.label})"
+            raise ConfigError(path, e.problem, e.source) from None
+        val = [r for r in rundir.read_metrics(run_dir) if r["split"] == "val"]
+        aligned = [r for r in val if "align_cosine" in r]
+        out[spec.label] = {
+            "iteration": [r["step"] / n for r in val], "updates": [r["step"] for r in val],
+            "wall_time": [r["time"] for r in val], "loss": [r["loss"] for r in val],
+            "metric": [r.get(task.metric, np.nan) for r in val],
+            "align_iteration": [r["step"] / n for r in aligned],
+            "align_cosine": [r["align_cosine"] for r in aligned],
+            "align_relative_error": [r["align_relative_error"] for r in aligned],
+            "online_chunk": chunk, "status": summary["status"], "run_dir": run_dir}
     return {"metric": task.metric, "curves": out}
 
 
@@ -392,14 +395,14 @@ def measure_point(cell, spec: EstimatorSpec, *, B: int, T: int, input_size: int,
     mem = compiled.memory_analysis()
     temp = int(mem.temp_size_in_bytes) if mem is not None else None
     t0 = time.perf_counter()
-    _block(compiled(params, state, batch))
+    jax.block_until_ready(compiled(params, state, batch))
     calls = int(min(200, max(1, np.ceil(0.05 / max(time.perf_counter() - t0, 1e-6)))))  # >= ~50 ms a repeat
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(calls):
             res = compiled(params, state, batch)
-        _block(res)
+        jax.block_until_ready(res)
         times.append((time.perf_counter() - t0) / calls)
     med = statistics.median(times)
     return {"time_s": med, "time_per_step_s": med / T, "temp_bytes": temp, "compile_s": compile_s}
@@ -460,7 +463,7 @@ def run(cfg: CompareConfig, *, config_file: str = "<config>", out_dir: str | Non
 
     if "agreement" in only or "training" in only:
         with precision(cfg.model.dtype):
-            model, params, optimizer = _model(cfg)
+            model, params = _model(cfg)
             estimators = {s.label: make_estimator(s.name, model.cell, model.loss_fn, **s.options)
                           for s in cfg.estimators}
             fns = {label: _fresh_gradient(est, model.cell) for label, est in estimators.items()}
@@ -474,7 +477,7 @@ def run(cfg: CompareConfig, *, config_file: str = "<config>", out_dir: str | Non
             section("scaling", lambda: cost_scaling(cfg, log), lambda r: "", plot_scaling)
     if "training" in only:
         with precision(cfg.model.dtype):
-            section("training", lambda: learning_curves(cfg, model, params, optimizer, estimators, fns),
+            section("training", lambda: learning_curves(cfg, model, fns, out_dir),
                     lambda r: ": " + ", ".join(f"{k} {c['loss'][-1]:.3f}" for k, c in r["curves"].items()),
                     plot_training)
     write()
