@@ -59,6 +59,9 @@ class ModelConfig:
 
     ``bidirectional``: ``true`` makes every layer bidirectional (a forward and a backward cell of ``hidden`` units
     each, outputs concatenated), or a list of ``layers`` booleans, one per layer.
+
+    ``attention``: for an encoder-decoder (a task with the ``seq2seq`` loss, :mod:`jbptt.experiment.translation`),
+    the width of the additive attention over the encoder outputs; ``null`` (default): no attention.
     """
 
     cell: str = "lstm"
@@ -71,6 +74,7 @@ class ModelConfig:
     fused: bool | str = "auto"
     dtype: str = "float32"
     bidirectional: bool | list = False
+    attention: int | None = None
 
 
 @dataclass
@@ -390,6 +394,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(cfg.model.cell in cells, "model.cell", f"unknown cell {cfg.model.cell!r}; choose from {list(cells)}")
     need(cfg.model.hidden >= 1, "model.hidden", f"must be >= 1, got {cfg.model.hidden}")
     need(cfg.model.layers >= 1, "model.layers", f"must be >= 1, got {cfg.model.layers}")
+    need(cfg.model.attention is None or cfg.model.attention >= 1, "model.attention",
+         f"must be >= 1 (or null for none), got {cfg.model.attention}")
     need(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
     need(
         cfg.model.fused in ("auto", "none", True, False),

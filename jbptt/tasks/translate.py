@@ -157,7 +157,7 @@ def seq2seq_metrics(ys, batch: Batch):
 
 @register_task("translate")
 def translate(src: str = "en", tgt: str = "fr", low: int = 0, high: int = 9999, n_train: int | None = None,
-              n_val: int = 500, n_test: int = 1000, seed: int = 0) -> Task:
+              n_val: int = 500, n_test: int = 1000, seed: int = 0, dtype: str = "float32") -> Task:
     """Translate a number written in words (``src`` language) into another language (``tgt``), character by
     character.
 
@@ -166,6 +166,7 @@ def translate(src: str = "en", tgt: str = "fr", low: int = 0, high: int = 9999, 
       low / high: the numbers drawn from (inclusive).
       n_train / n_val / n_test: numbers per split, disjoint; ``n_train=None``: every number left.
       seed: the split's seed.
+      dtype: accepted for the experiment layer (which passes ``model.dtype``); the batches hold int32 ids only.
 
     Batches: inputs ``(src [B, S], tgt [B, L])``: int32 source ids (padded with :data:`PAD`) and the target ids
     again, which the decoder reads shifted by one step (teacher forcing); ``seq_lengths: [B]`` source lengths;
@@ -177,6 +178,7 @@ def translate(src: str = "en", tgt: str = "fr", low: int = 0, high: int = 9999, 
     ``info`` holds the vocabularies (``src_vocab`` / ``tgt_vocab`` :class:`Vocab`), ``bos``, ``eos``, ``pad``, the
     numbers of each split and the texts.
     """
+    del dtype
     if src == tgt:
         raise ValueError(f"translate: src and tgt are both {src!r}")
     numbers = split_numbers(low, high, n_train, n_val, n_test, seed)
