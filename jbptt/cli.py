@@ -235,18 +235,21 @@ def parser() -> argparse.ArgumentParser:
                     "vmap where the config allows it")
     sw.add_argument("--sweep-dir", default=None, help="sweep folder (default: under logging.root)")
     sw.add_argument("--quiet", action="store_true", help="no progress output")
-    d = sub.add_parser("decode", help="reference vs hypothesis of a speech (CTC) run's test items",
+    d = sub.add_parser("decode", help="reference vs hypothesis of a speech (CTC) or translation run's test items",
                        description="Decodes N items of a run trained with the CTC loss (speech_digits) and prints "
-                       "reference, hypothesis and edit distance per item, with the label error rate over them.")
-    d.add_argument("run_dir", metavar="RUN_DIR", help="run folder of a CTC run")
+                       "reference, hypothesis and edit distance per item, with the label error rate over them; of "
+                       "a translation run (translate, an encoder-decoder): source, reference and hypothesis per "
+                       "item, with the exact match over them and by reference length.")
+    d.add_argument("run_dir", metavar="RUN_DIR", help="run folder of a CTC or translation run")
     d.add_argument("--n", type=int, default=10, help="number of items (default: 10)")
     d.add_argument("--split", choices=("test", "val", "train"), default="test", help="data split (default: test)")
-    d.add_argument("--beam", type=int, default=0, help="prefix beam search width; 0 (default): greedy decoding")
+    d.add_argument("--beam", type=int, default=0, help="beam width (CTC: prefix beam search; translation: beam "
+                   "search); 0 (default): greedy decoding")
     d.add_argument("--checkpoint", choices=("last", "best"), default="best",
                    help="the checkpoint with the best validation metric (default) or the last one")
     d.add_argument("--seed", type=int, default=0, help="which items are drawn (default: 0)")
     d.add_argument("--plot", metavar="FILE", help="also draw the first item's log-mel features with the CTC "
-                   "posteriors under them (.png, .pdf or .svg)")
+                   "posteriors under them, or for translation its attention map (.png, .pdf or .svg)")
     sub.add_parser("compare", help="compare gradient estimators (jbptt.experiment.compare)", add_help=False)
     return p
 

@@ -5,6 +5,10 @@ whose task is trained with the CTC loss (``speech_digits``): the model's per-fra
 (or with a prefix beam search of width ``K``, :func:`jbptt.ctc.beam_search`) and compared with the reference
 labels by edit distance. ``--plot`` draws a test utterance's log-mel spectrogram with the CTC posteriors under it
 and the decoded string (:func:`plot_utterance`).
+
+For a translation run (task loss ``seq2seq``, :mod:`jbptt.experiment.translation`) it prints source, reference and
+hypothesis per item (greedy decoding, or beam search of width ``K``), the exact match over the items and by
+reference length; ``--plot`` draws the first item's attention map.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 
 from jbptt import checkpoint as ckpt
 from jbptt import ctc
+from jbptt.experiment import translation
 from jbptt.experiment.build import precision
 from jbptt.experiment.config import ConfigError, load_config
 from jbptt.experiment.plots import pyplot, save_figure
@@ -68,10 +73,13 @@ def decode_rows(run_dir: str, n: int = 10, *, split: str = "test", beam: int = 0
         raise ckpt.CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
     with precision(load_config(path).model.dtype):
         cfg, exp, state = load_run(run_dir, checkpoint)
+        if exp.task.loss == "seq2seq":
+            params = state if checkpoint == "best" else state.params
+            return translation.decode_rows(cfg, exp, params, n, split=split, beam=beam, seed=seed)
         if exp.task.loss != "ctc":
-            raise ConfigError("task.name", f"decode applies to runs trained with the CTC loss (speech_digits); this "
-                              f"run's task {cfg.task.name!r} uses {exp.task.loss!r} (for character models use "
-                              "`jbptt sample`)", path)
+            raise ConfigError("task.name", f"decode applies to runs trained with the CTC loss (speech_digits) or "
+                              f"the seq2seq loss (translate); this run's task {cfg.task.name!r} uses "
+                              f"{exp.task.loss!r} (for character models use `jbptt sample`)", path)
         params = state if checkpoint == "best" else state.params
         batch = exp.task.sample(jax.random.key(seed), n, split)
         logits, hyps = decode_batch(exp, params, batch, beam=beam)
@@ -142,6 +150,15 @@ def run_cli(args) -> int:
     except ckpt.CheckpointError as e:
         print(f"jbptt: checkpoint error: {e}")
         return 1
+    if extra.get("kind") == "translation":
+        print(translation.format_rows(rows))
+        if args.plot:
+            try:
+                print(f"wrote {translation.plot_attention(rows, extra, args.plot, 0)}")
+            except ValueError as e:
+                print(f"jbptt: {e}")
+                return 2
+        return 0
     print(format_rows(rows))
     if args.plot:
         path = plot_utterance(extra, args.plot, 0, hypothesis=rows[0]["hypothesis"], reference=rows[0]["reference"])
