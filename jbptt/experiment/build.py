@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jbptt import cells, ctc, fused, losses, remat
+from jbptt import cells, ctc, estimators, fused, losses, remat  # noqa: F401  (estimators: registers them all)
 from jbptt.batch import batch_and_time
 from jbptt.cells import Cell, learned_initial_carry, stack, trainable_mask, with_readout
 from jbptt.estimator import ESTIMATORS, GradientEstimator, make_estimator
