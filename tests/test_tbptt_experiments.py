@@ -59,12 +59,3 @@ def test_char_lm_stream_smoke(tmp_path, monkeypatch):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["training"]["chunk"] == 50 and cfg["training"]["stateful_stream"] is True
 
-
-def test_readme_tbptt_example_runs():
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = text.split("## Truncated BPTT (`jbptt.estimators.tbptt`)", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})
