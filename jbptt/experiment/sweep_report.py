@@ -96,10 +96,11 @@ def markdown(plan, result: dict) -> str:
     groups = result["groups"]
     metric = next((g["metric"] for g in groups if g.get("metric")), "metric")
     lines = [f"# Sweep: {os.path.basename(plan.config)} {' '.join(plan.axes)}", "",
-             f"{len(result['points'])} of {len(plan.points)} points finished; `{metric}` on the validation split "
+             f"{len(result['points'])} of {len(plan.points)} points have run; `{metric}` on the validation split "
              f"(final: at the last step, best: the best evaluation, with its test value); mean (min–max) over "
-             f"seeds. This session's wall time {result['wall_time_s']:.0f} s (`--parallel {result['parallel']}`; "
-             "vmapped seeds share one wall time).", "",
+             f"seeds. This session's wall time {result['wall_time_s']:.0f} s (`--parallel {result['parallel']}`"
+             + ("; vmapped seeds share one wall time" if any(r["mode"] == "vmap" for r in result["points"]) else "")
+             + ").", "",
              f"| point | seeds done | final val {metric} | best val {metric} | final test {metric} | "
              f"best test {metric} | wall s |", "|" + " --- |" * 7]
     for g in groups:
@@ -127,7 +128,7 @@ def plot_curves(plan, groups: list, out: str) -> str:
     """Overlays every group's validation curve: the mean over its seeds, a min–max band. Returns ``out``."""
     plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    log = True
+    log, stem = True, os.path.splitext(os.path.basename(plan.config))[0]
     for g in groups:
         if not g.get("metric"):
             continue
@@ -138,7 +139,8 @@ def plot_curves(plan, groups: list, out: str) -> str:
             continue
         ys = np.array([[c[s] for s in steps] for c in curves], np.float64)
         log = log and not g["higher_is_better"] and bool(np.all(ys > 0))
-        (line,) = ax.plot(steps, ys.mean(0), label=f"{g['group']} ({len(curves)} seeds)")
+        name = stem if g["group"] == "run" else g["group"]
+        (line,) = ax.plot(steps, ys.mean(0), label=f"{name} ({len(curves)} seeds)")
         ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
     metric = next((g["metric"] for g in groups if g.get("metric")), "metric")
     ax.set(xlabel="step", ylabel=f"validation {metric}", yscale="log" if log else "linear",
