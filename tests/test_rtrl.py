@@ -92,7 +92,8 @@ def test_rtrl_under_jit_and_online_chunks(key):
     (_, g_jit), (_, g_ref) = against_reference(est, cell, losses.mse, params, batch)
     assert float(relative_error(g_jit, g_ref)) <= TOL
     total = jnp.sum(batch.weights(jnp.float64))
-    state, acc = est.init(params, cell.initial_carry(params, (2,))), jax.tree.map(jnp.zeros_like, params)
+    state = est.init(params, cell.initial_carry(params, (2,)), inputs=batch.inputs)
+    acc = jax.tree.map(jnp.zeros_like, params)
     update = jax.jit(est.update)
     for chunk in split_segment(batch, 3):
         _, g, state = update(params, state, chunk)
@@ -108,7 +109,7 @@ def test_rtrl_trains_online(key):
     batch = batch._replace(targets=jnp.roll(batch.inputs[..., :1], 1, axis=1))  # recall the previous input
     est = jbptt.make_estimator("rtrl", cell, losses.mse, stateful=True)
     opt = optax.adam(3e-2)
-    state = jbptt.train.init_train_state(est, opt, params, cell.initial_carry(params, (4,)))
+    state = jbptt.train.init_train_state(est, opt, params, cell.initial_carry(params, (4,)), inputs=batch.inputs)
     step = jax.jit(jbptt.train.make_train_step(est, opt))
     losses_seen = []
     for _ in range(5):

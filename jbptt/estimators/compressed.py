@@ -3,7 +3,8 @@ estimator of e-prop and RFLO.
 
 For a cell whose carry is ``C`` leaves of shape ``[N]`` (units) and whose parameters each drive one unit, the
 influence ``d s / d theta`` is stored as ``[R, C*N]`` rows (layout :class:`~jbptt.estimators.online.UnitRows`):
-row ``r`` holds ``d s[c, j] / d theta[idx[r, j]]`` for every unit ``j``. Memory O(P) per example.
+row ``r`` holds ``d s[c, j] / d theta[idx[r, j]]`` for every unit ``j``. Memory O(P) per example. With a split
+(:func:`~jbptt.estimators.online.state_acting`) rows and row jvps cover only the state-acting ``theta_s``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from jbptt.losses import LossFn
 
 
 def row_tangents(rows: UnitRows, P: int, dtype):
-    """``[R, P]`` tangents: row ``r`` is 1 at the positions ``rows.idx[r]`` (all units at once)."""
+    """``[R, P]`` tangents: row ``r`` is 1 at the positions ``rows.idx[r]`` (all units at once). Pass ``P = Ps``
+    for tangents of ``theta_s`` alone."""
     R = rows.idx.shape[0]
     return jnp.zeros((R, P), dtype).at[np.arange(R)[:, None], rows.idx].set(1.0)
 
@@ -56,8 +58,9 @@ def compressed_trace0(rows: UnitRows):
 
     def trace0(fs: FlatStep, theta, key):
         del key
-        tangents = row_tangents(rows, fs.P, theta.dtype)
-        return jax.vmap(lambda t: jax.jvp(fs.carry0, (theta,), (t,))[1])(tangents)
+        tangents = row_tangents(rows, fs.Ps, theta.dtype)
+        carry0 = lambda ths: fs.carry0_parts(ths, theta[fs.Ps:])
+        return jax.vmap(lambda t: jax.jvp(carry0, (theta[:fs.Ps],), (t,))[1])(tangents)
 
     return trace0
 
@@ -93,13 +96,14 @@ def compressed_core(rows: UnitRows, block: Callable | None, *, readout: Callable
             loss, gy = loss_grad(y)
             gth, gs = vjp((jnp.zeros_like(s_new), gy))
             grad = gth + compressed_gradient(rows, trace, gs, fs.P)
-        tangents = row_tangents(rows, fs.P, theta.dtype)
-        _, lin = jax.linearize(lambda th, ss: f(th, ss)[0], theta, s)
+        ths, tho = theta[:fs.Ps], theta[fs.Ps:]
+        tangents = row_tangents(rows, fs.Ps, theta.dtype)
+        _, lin = jax.linearize(lambda th, ss: fs.step_parts(th, tho, ss, x)[0], ths, s)
         if block is None:
             new = jax.vmap(lin)(tangents, trace)
         else:
             m = jax.vmap(lambda t: lin(t, jnp.zeros_like(s)))(tangents)  # [R, n] immediate influence
-            d_cols = jax.vmap(lambda e: lin(jnp.zeros_like(theta), e))(jnp.eye(fs.n, dtype=s.dtype))  # D^T
+            d_cols = jax.vmap(lambda e: lin(jnp.zeros_like(ths), e))(jnp.eye(fs.n, dtype=s.dtype))  # D^T
             blocks = block(unit_blocks(d_cols.T, rows.C, rows.N), fs, theta, s, x)
             R = rows.idx.shape[0]
             prop = jnp.einsum("jcd,rdj->rcj", blocks, trace.reshape(R, rows.C, rows.N))
@@ -170,7 +174,8 @@ def check_readout(cell: Cell, params, readout, x):
 
 
 def eligibility_estimator(name: str, cell: Cell, loss_fn: LossFn, block_for: Callable, *, readout=hidden_readout,
-                          feedback_for: Callable | None = None, stateful: bool) -> GradientEstimator:
+                          feedback_for: Callable | None = None, stateful: bool,
+                          split: bool = False) -> GradientEstimator:
     """The GradientEstimator shared by e-prop and RFLO: compressed per-unit eligibility traces.
 
     Args:
@@ -179,18 +184,20 @@ def eligibility_estimator(name: str, cell: Cell, loss_fn: LossFn, block_for: Cal
         :func:`compressed_core`).
       readout: the step's output as a function of the new carry (``init`` checks it against the step).
       feedback_for: optional ``feedback_for(rows) -> feedback`` replacing the learning signal (RFLO).
+      split: eligibility only for the parameters that act on the state (see
+        :func:`~jbptt.estimators.online.online_estimator`).
 
     Returns:
       A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState` (eligibility ``[B, R, n]``);
       ``init`` needs ``inputs=`` (an example segment) for the readout check.
     """
 
-    def parts(params):
-        rows = unit_rows(cell, params)
+    def parts(params, acting=None):
+        rows = unit_rows(cell, params, acting)
         feedback = None if feedback_for is None else feedback_for(rows)
         return compressed_core(rows, block_for(rows), readout=readout, feedback=feedback), compressed_trace0(rows)
 
     def check(params, carry, inputs):
         check_on_example(name, lambda p, x: check_readout(cell, p, readout, x), params, inputs)
 
-    return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check)
+    return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check, split=split)

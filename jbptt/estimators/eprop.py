@@ -27,7 +27,7 @@ __all__ = ["eprop"]
 
 @register_estimator("eprop")
 def eprop(cell: Cell, loss_fn: LossFn, *, internal: Sequence[int] | None = None, readout=hidden_readout,
-          stateful: bool = False) -> GradientEstimator:
+          stateful: bool = False, split: bool = True) -> GradientEstimator:
     """e-prop as a :class:`GradientEstimator`.
 
     Args:
@@ -35,6 +35,8 @@ def eprop(cell: Cell, loss_fn: LossFn, *, internal: Sequence[int] | None = None,
         (``c`` for an LSTM ``(h, c)``; none for Elman).
       readout: ``readout(params, new_carry, x) -> y`` matching the step's output (checked by ``init``).
       stateful: carry and eligibility continue between segments (online learning).
+      split: eligibility only for the parameters that act on the state (``init`` needs ``inputs=`` anyway); the
+        readout's gradient is exact and direct either way. ``False``: rows for every trainable leaf, as before.
 
     Returns:
       A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState` (eligibility ``[B, R, n]``);
@@ -46,4 +48,5 @@ def eprop(cell: Cell, loss_fn: LossFn, *, internal: Sequence[int] | None = None,
         keep = jnp.zeros((rows.C,)).at[jnp.asarray(kept, jnp.int32)].set(1.0)
         return lambda blocks, *_: blocks * keep.astype(blocks.dtype)[None, None, :]
 
-    return eligibility_estimator("eprop", cell, loss_fn, block_for, readout=readout, stateful=stateful)
+    return eligibility_estimator("eprop", cell, loss_fn, block_for, readout=readout, stateful=stateful,
+                                 split=split)

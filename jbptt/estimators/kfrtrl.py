@@ -41,8 +41,9 @@ def _rank_one(m):
 
 
 def _immediate(fs: FlatStep, rows: UnitRows, theta, s, x):
-    tangents = row_tangents(rows, fs.P, theta.dtype)
-    return jax.vmap(lambda t: jax.jvp(lambda th: fs.step(th, s, x)[0], (theta,), (t,))[1])(tangents)
+    tangents = row_tangents(rows, fs.Ps, theta.dtype)
+    step = lambda ths: fs.step_parts(ths, theta[fs.Ps:], s, x)[0]
+    return jax.vmap(lambda t: jax.jvp(step, (theta[:fs.Ps],), (t,))[1])(tangents)
 
 
 def kf_core(rows: UnitRows, eps: float):
@@ -69,7 +70,7 @@ def kf_core(rows: UnitRows, eps: float):
 def check_rank_one(cell: Cell, params, x, *, key=None, rtol: float = 1e-6):
     """Raises unless the compressed immediate influence of ``cell`` has rank one (an Elman-type cell) and the
     initial carry is fixed. ``x`` is one example's input; call it eagerly."""
-    rows = unit_rows(cell, params)
+    rows = unit_rows(cell, params)  # every trainable leaf: a readout's rows are zero, they do not change the rank
     if rows.C != 1:
         raise ValueError(f"kfrtrl needs a single-component carry (Elman); this cell has {rows.C} components")
     fs = flat_step(cell, params)
@@ -85,12 +86,15 @@ def check_rank_one(cell: Cell, params, x, *, key=None, rtol: float = 1e-6):
 
 
 @register_estimator("kfrtrl")
-def kfrtrl(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 1e-7) -> GradientEstimator:
+def kfrtrl(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 1e-7,
+           split: bool = True) -> GradientEstimator:
     """KF-RTRL as a :class:`GradientEstimator` (Elman-type cells; see the module docstring).
 
     Args:
       stateful: carry and Kronecker factors continue between segments (online learning).
       eps: keeps the variance-reduction scalings finite.
+      split: rows ``u`` only for the parameters that act on the state; ``False``: for every trainable leaf whose
+        last axis fits (a readout with a multiple of ``n`` outputs then gets rows, always zero), as before.
 
     Returns:
       A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState` (trace
@@ -98,8 +102,8 @@ def kfrtrl(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 
       ``inputs`` for its rank-one check; ``key`` seeds the random signs.
     """
 
-    def parts(params):
-        rows = unit_rows(cell, params)
+    def parts(params, acting=None):
+        rows = unit_rows(cell, params, acting)
 
         def trace0(fs, theta, key):
             del key
@@ -110,4 +114,4 @@ def kfrtrl(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 
     def check(params, carry, inputs):
         check_on_example("kfrtrl", lambda p, x: check_rank_one(cell, p, x), params, inputs)
 
-    return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check)
+    return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check, split=split)

@@ -5,7 +5,8 @@ Every online estimator runs the segment step by step and keeps, next to the cell
 :data:`Core` that advances the trace and a ``trace0`` that starts it; this module provides the rest:
 
 - :func:`flat_step`: the cell's step for ONE example over flat vectors ``theta: [P]`` (trainable parameters only;
-  leaves under a ``"fixed"`` key are left out) and ``s: [n]`` (the raveled carry);
+  leaves under a ``"fixed"`` key are left out; with a split, the ``Ps`` that act on the state first, found by
+  :func:`state_acting`) and ``s: [n]`` (the raveled carry);
 - :func:`online_segment`: the scan over a segment (resets, ``seq_lengths``, loss weights, accumulation of loss and
   gradient) and :func:`online_estimator`, the :class:`~jbptt.estimator.GradientEstimator` around it;
 - the dense influence ``[P, n]`` of exact RTRL and SnAp-n (:func:`dense_core`, :func:`dense_trace0`), the layout
@@ -64,6 +65,9 @@ class FlatStep(NamedTuple):
       grads: ``grads(g [P]) -> params``-shaped gradient with zeros at fixed leaves.
       params: ``params(theta) -> params`` (fixed leaves from the params the view was built at).
       n: carry size; P: number of trainable parameters.
+      Ps: ``theta[:Ps]`` act on the state (:func:`state_acting`; ``Ps == P`` without a split), the rest on ``y`` only.
+      step_parts / carry0_parts: ``step`` and ``carry0`` over ``(theta_s [Ps], theta_o [P - Ps])`` (derivatives in
+        ``theta_s`` alone never touch the output-only parameters).
     """
 
     theta: jax.Array
@@ -75,47 +79,130 @@ class FlatStep(NamedTuple):
     params: Callable
     n: int
     P: int
+    Ps: int | None = None
+    step_parts: Callable | None = None
+    carry0_parts: Callable | None = None
 
 
-def flatten_trainable(params):
-    """Ravels the trainable leaves of ``params`` (not under a ``"fixed"`` key).
+def _state_leaves(params, acting):
+    """``(state-acting trainable leaves, trainable leaves)`` of ``params`` (``acting=None``: all act)."""
+    mask = jax.tree_util.tree_leaves(trainable_mask(params))
+    train = [a for a, m in zip(jax.tree_util.tree_leaves(params), mask, strict=True) if m]
+    acting = (True,) * len(train) if acting is None else acting
+    return [a for a, act in zip(train, acting, strict=True) if act], train
 
-    Returns:
-      ``(theta [P], rebuild)`` where ``rebuild(theta, fill=None)`` returns params with the trainable leaves taken
-      from ``theta`` and the fixed leaves from ``params`` (or zeros when ``fill == "zeros"``).
+
+def _unraveler(leaves):
+    """``v [size] -> [leaf, ...]`` cutting ``v`` into the shapes and dtypes of ``leaves`` (static slices)."""
+    shapes = [tuple(jnp.shape(a)) for a in leaves]
+    ends = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
+    dtypes = [jnp.result_type(a) for a in leaves]
+    cut = list(zip(ends[:-1], ends[1:], shapes, dtypes, strict=True))
+    return lambda v: [v[a:b].reshape(sh).astype(dt) for a, b, sh, dt in cut]
+
+
+def flat_step(cell: Cell, params, acting=None) -> FlatStep:
+    """Builds the one-example flat view :class:`FlatStep` of ``cell`` at ``params``. Safe under ``jit``.
+
+    ``acting``: ``None`` (``theta`` is the trainable leaves raveled in tree order, ``Ps == P``) or one bool per
+    trainable leaf (:func:`state_acting`): ``theta`` is then the state-acting leaves followed by the others.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    mask = jax.tree_util.tree_leaves(trainable_mask(params))
-    theta, unravel = ravel_pytree([leaf for leaf, m in zip(leaves, mask, strict=True) if m])
-
-    def rebuild(theta, fill=None):
-        train = iter(unravel(theta))
-        out = [next(train) if m else (jnp.zeros_like(leaf) if fill == "zeros" else leaf)
-               for leaf, m in zip(leaves, mask, strict=True)]
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    return theta, rebuild
-
-
-def flat_step(cell: Cell, params) -> FlatStep:
-    """Builds the one-example flat view :class:`FlatStep` of ``cell`` at ``params``. Safe under ``jit``."""
-    theta, rebuild = flatten_trainable(params)
+    train = [i for i, m in enumerate(jax.tree_util.tree_leaves(trainable_mask(params))) if m]
+    acting = (True,) * len(train) if acting is None else tuple(acting)
+    order = sorted(train, key=lambda i: not acting[train.index(i)])  # state-acting leaves first (a stable sort)
+    k = sum(acting)
+    dtype = jnp.result_type(*[leaves[i] for i in train]) if train else jnp.float32
+    theta = jnp.concatenate([jnp.ravel(leaves[i]).astype(dtype) for i in order] + [jnp.zeros((0,), dtype)])
+    Ps = int(sum(np.prod(jnp.shape(leaves[i])) for i in order[:k]))
+    un_all, un_s, un_o = (_unraveler([leaves[i] for i in part]) for part in (order, order[:k], order[k:]))
     s_example, unravel_carry = ravel_pytree(cell.initial_carry(params, ()))
+
+    def place(values, fill=None):
+        new = dict(zip(order, values, strict=True))
+        out = [new[i] if i in new else (jnp.zeros_like(a) if fill == "zeros" else a) for i, a in enumerate(leaves)]
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     def ravel_carry(c):
         return ravel_pytree(c)[0]
 
-    def step(th, s, x):
+    def run(p, s, x):
         carry = unravel_carry(s)
-        new, y = cell.step(rebuild(th), carry, x)
+        new, y = cell.step(p, carry, x)
         new = jax.tree.map(lambda a, b: a.astype(b.dtype), new, carry)
         return ravel_carry(new), y
 
-    def carry0(th):
-        return ravel_carry(cell.initial_carry(rebuild(th), ()))
+    return FlatStep(theta, lambda th, s, x: run(place(un_all(th)), s, x),
+                    lambda th: ravel_carry(cell.initial_carry(place(un_all(th)), ())), ravel_carry, unravel_carry,
+                    lambda g: place(un_all(g), "zeros"), lambda th: place(un_all(th)), int(s_example.shape[0]),
+                    int(theta.shape[0]), Ps, lambda ths, tho, s, x: run(place(un_s(ths) + un_o(tho)), s, x),
+                    lambda ths, tho: ravel_carry(cell.initial_carry(place(un_s(ths) + un_o(tho)), ())))
 
-    return FlatStep(theta, step, carry0, ravel_carry, unravel_carry, lambda g: rebuild(g, "zeros"), rebuild,
-                    int(s_example.shape[0]), int(theta.shape[0]))
+
+def example_input(inputs):
+    """One example's input step as ``jax.ShapeDtypeStruct`` leaves, from segment inputs (leaves ``[B, T, ...]``)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[2:], jnp.result_type(a)), inputs)
+
+
+# Calls whose body is followed by the dataflow of :func:`state_acting` (any other equation, including scans, conds,
+# while loops and custom-derivative calls, counts as one: each output depends on every input).
+_TRANSPARENT = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call")
+
+
+def _body(eqn):
+    if eqn.primitive.name not in _TRANSPARENT:
+        return None
+    for name in ("jaxpr", "call_jaxpr"):
+        body = getattr(eqn.params.get(name), "jaxpr", eqn.params.get(name))
+        if body is not None and hasattr(body, "eqns") and len(body.invars) == len(eqn.invars) \
+                and len(body.outvars) == len(eqn.outvars):
+            return body
+    return None
+
+
+def _live_inputs(jaxpr, live_out) -> list[bool]:
+    """Which inputs of ``jaxpr`` the outputs flagged by ``live_out`` depend on (backward dataflow)."""
+    is_var = lambda v: not hasattr(v, "val")  # literals carry a value
+    live = {v for v, m in zip(jaxpr.outvars, live_out, strict=True) if m and is_var(v)}
+    for eqn in reversed(jaxpr.eqns):
+        outs = [v in live for v in eqn.outvars]
+        if any(outs):
+            body = _body(eqn)
+            ins = [True] * len(eqn.invars) if body is None else _live_inputs(body, outs)
+            live.update(v for v, m in zip(eqn.invars, ins, strict=True) if m and is_var(v))
+    return [v in live for v in jaxpr.invars]
+
+
+def state_acting(cell: Cell, params, x) -> tuple[bool, ...]:
+    """Which trainable leaves of ``params`` act on the state: one bool per trainable leaf, in tree order.
+
+    A leaf acts on the state when the new carry or the initial carry depends on it, read off the dataflow of the
+    jaxpr of ``(leaves, carry, x) -> (step's new carry, initial_carry)``. Shapes only, deterministic, jit-safe;
+    conservative (a leaf is kept when in doubt, e.g. inside a scan). The others (a ``with_readout`` readout, an
+    output bias) act only on the output: their gradient needs no influence.
+
+    Args:
+      cell, params: the model; ``x``: one example's input step (arrays or ``jax.ShapeDtypeStruct`` leaves).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    struct = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+    carry = jax.eval_shape(lambda p: cell.initial_carry(p, ()), params)
+
+    def dataflow(leaves, c, xx):
+        p = jax.tree_util.tree_unflatten(treedef, leaves)
+        return cell.step(p, c, xx)[0], cell.initial_carry(p, ())
+
+    closed = jax.make_jaxpr(dataflow)([struct(a) for a in leaves], jax.tree.map(struct, carry),
+                                      jax.tree.map(struct, x))
+    live = _live_inputs(closed.jaxpr, [True] * len(closed.jaxpr.outvars))[:len(leaves)]
+    mask = jax.tree_util.tree_leaves(trainable_mask(params))
+    return tuple(bool(a) for a, m in zip(live, mask, strict=True) if m)
+
+
+def acting_for(cell: Cell, params, inputs):
+    """:func:`state_acting` at the first step of segment ``inputs`` (leaves ``[B, T, ...]``); ``None`` (no split)
+    when ``inputs`` is ``None``."""
+    return None if inputs is None else state_acting(cell, params, example_input(inputs))
 
 
 def batch_size(carry) -> int:
@@ -146,7 +233,7 @@ def loss_grad_fn(loss_fn, target, scale):
 
 
 def online_segment(cell: Cell, loss_fn, params, state: OnlineState, batch: Batch, *, core: Core,
-                   trace0: Callable, stateful: bool):
+                   trace0: Callable, stateful: bool, acting=None):
     """Runs an online estimator over one segment.
 
     Args:
@@ -157,12 +244,13 @@ def online_segment(cell: Cell, loss_fn, params, state: OnlineState, batch: Batch
       trace0: ``trace0(fs, theta, key) -> trace`` for one example: the trace at the initial carry (used at resets
         and, when not ``stateful``, at the segment start).
       stateful: continue from ``state`` (online learning) or restart from the initial carry.
+      acting: the split of the flat view (:func:`flat_step`) that ``core`` and ``trace0`` were built for.
 
     Returns:
       ``(loss, grads, new_state)``: the weighted mean per-step loss, gradients shaped like ``params`` and the
       state at the end of the segment. Safe under ``jit``.
     """
-    fs = flat_step(cell, params)
+    fs = flat_step(cell, params, acting)
     theta = fs.theta
     B, T = batch_and_time(batch.inputs)
     key, k_init, k_steps = jax.random.split(state.key, 3)
@@ -202,10 +290,11 @@ def online_segment(cell: Cell, loss_fn, params, state: OnlineState, batch: Batch
     return total[0], fs.grads(total[1:]), new_state
 
 
-def init_state(cell: Cell, params, carry, trace0: Callable, key=None) -> OnlineState:
-    """The :class:`OnlineState` at ``carry`` (leaves ``[B, ...]``) with every example's trace from ``trace0``;
-    ``key`` (default ``jax.random.key(0)``) seeds the traces and is kept for the updates."""
-    fs = flat_step(cell, params)
+def init_state(cell: Cell, params, carry, trace0: Callable, key=None, acting=None) -> OnlineState:
+    """The :class:`OnlineState` at ``carry`` (leaves ``[B, ...]``) with every example's trace from ``trace0``
+    (built for the split ``acting``, see :func:`flat_step`); ``key`` (default ``jax.random.key(0)``) seeds the
+    traces and is kept for the updates."""
+    fs = flat_step(cell, params, acting)
     key = jax.random.key(0) if key is None else key
     key, sub = jax.random.split(key)
     traces = jax.jit(lambda theta, keys: jax.vmap(lambda k: trace0(fs, theta, k))(keys))  # one program, not op by op
@@ -213,31 +302,44 @@ def init_state(cell: Cell, params, carry, trace0: Callable, key=None) -> OnlineS
     return OnlineState(carry, trace, key)
 
 
-def online_estimator(cell: Cell, loss_fn, parts: Callable, *, stateful: bool,
-                     check: Callable | None = None) -> GradientEstimator:
+def online_estimator(cell: Cell, loss_fn, parts: Callable, *, stateful: bool, check: Callable | None = None,
+                     split: bool = False) -> GradientEstimator:
     """The :class:`~jbptt.estimator.GradientEstimator` of an online algorithm.
 
     Args:
       cell, loss_fn: the model and per-step loss.
       parts: ``parts(params) -> (core, trace0)``, the algorithm at ``params`` (shape-level work only; it runs
-        while ``update`` is traced).
+        while ``update`` is traced); with ``split``: ``parts(params, acting)`` for the split ``acting``
+        (:func:`state_acting`, or ``None`` for none).
       stateful: see :func:`online_segment`.
       check: optional ``check(params, carry, inputs)`` run by ``init`` before anything is allocated; raises
         ``ValueError`` where the algorithm does not apply (see :func:`check_on_example`).
+      split: carry the trace only for the parameters that act on the state (found from the segment inputs'
+        shapes); the others get their gradient directly at each step. ``init`` then needs ``inputs=`` when
+        ``stateful`` (without it, and not stateful, the state holds the unsplit trace, which ``update`` never reads).
 
     Returns:
       ``GradientEstimator(init, update)`` with ``init(params, carry, *, key=None, inputs=None) -> OnlineState``
       (``key`` seeds the estimator's randomness) and a pure, jit-safe ``update``.
     """
 
+    def parts_at(params, acting):
+        return parts(params, acting) if split else parts(params)
+
     def init(params, carry, *, key=None, inputs=None):
+        if split and stateful and inputs is None:
+            raise ValueError("a stateful online estimator with split=True needs inputs= in init (an example segment, "
+                             "leaves [B, T, ...]) to find the parameters that act on the state; or split=False")
         if check is not None:
             check(params, carry, inputs)
-        return init_state(cell, params, carry, parts(params)[1], key)
+        acting = acting_for(cell, params, inputs) if split else None
+        return init_state(cell, params, carry, parts_at(params, acting)[1], key, acting)
 
     def update(params, state: OnlineState, batch: Batch):
-        core, trace0 = parts(params)
-        return online_segment(cell, loss_fn, params, state, batch, core=core, trace0=trace0, stateful=stateful)
+        acting = acting_for(cell, params, batch.inputs) if split else None
+        core, trace0 = parts_at(params, acting)
+        return online_segment(cell, loss_fn, params, state, batch, core=core, trace0=trace0, stateful=stateful,
+                              acting=acting)
 
     return GradientEstimator(init, update)
 
@@ -282,10 +384,12 @@ class UnitRows(NamedTuple):
     N: int
 
 
-def unit_rows(cell: Cell, params) -> UnitRows:
+def unit_rows(cell: Cell, params, acting=None) -> UnitRows:
     """Builds :class:`UnitRows` for ``cell`` at ``params`` (arrays or ``jax.ShapeDtypeStruct``: only shapes are
     read). Raises if the carry is not ``C x [N]``. ``idx`` is ``[0, N]`` when no trainable leaf drives a unit
-    (e.g. an ESN whose reservoir is fixed): every compressed algorithm is then defined, with an empty influence."""
+    (e.g. an ESN whose reservoir is fixed): every compressed algorithm is then defined, with an empty influence.
+    ``acting`` (:func:`state_acting`): only the state-acting leaves give rows (positions in the theta of
+    ``flat_step(cell, params, acting)``); ``None``: every trainable leaf whose last axis fits."""
     carry = jax.eval_shape(lambda p: cell.initial_carry(p, ()), params)
     shapes = {tuple(jnp.shape(c)) for c in jax.tree_util.tree_leaves(carry)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
@@ -294,12 +398,8 @@ def unit_rows(cell: Cell, params) -> UnitRows:
                          "use exact dense RTRL or uoro)")
     (N,) = next(iter(shapes))
     C = len(jax.tree_util.tree_leaves(carry))
-    leaves = jax.tree_util.tree_leaves(params)
-    mask = jax.tree_util.tree_leaves(trainable_mask(params))
     rows, offset = [], 0
-    for leaf, m in zip(leaves, mask, strict=True):
-        if not m:
-            continue
+    for leaf in _state_leaves(params, acting)[0]:
         shape = jnp.shape(leaf)
         size = int(np.prod(shape))
         if len(shape) >= 1 and shape[-1] % N == 0:
@@ -309,7 +409,6 @@ def unit_rows(cell: Cell, params) -> UnitRows:
     # no row (e.g. an ESN: only a readout is trained): the influence is empty, ``[0, C*N]``, and exactly zero
     idx = np.concatenate(rows) if rows else np.zeros((0, N), np.int64)
     return UnitRows(idx.astype(np.int32), C, N)
-
 
 
 def step_jacobian_support(fs: FlatStep, theta, x, key, *, pairs: int = 4, scale: float = 3.0):
@@ -353,12 +452,15 @@ def carry_size(cell: Cell, params) -> int:
     return int(sum(np.prod(jnp.shape(c)) for c in jax.tree_util.tree_leaves(carry)))
 
 
-def influence_bytes(cell: Cell, params, batch_size: int, *, diagonal: bool = False) -> int:
+def influence_bytes(cell: Cell, params, batch_size: int, *, diagonal: bool = False, acting=None) -> int:
     """Bytes of the influence matrix of ``batch_size`` examples: ``B * P * n * itemsize`` (dense ``[P, n]``) or
-    ``B * R * n * itemsize`` (compressed per unit, :func:`unit_rows`). From shapes only; nothing is allocated."""
-    theta = jax.eval_shape(lambda p: flat_step(cell, p).theta, params)
-    rows = unit_rows(cell, params).idx.shape[0] if diagonal else int(theta.shape[0])
-    return int(batch_size) * rows * carry_size(cell, params) * jnp.dtype(theta.dtype).itemsize
+    ``B * R * n * itemsize`` (compressed per unit, :func:`unit_rows`); with the split ``acting``
+    (:func:`state_acting`) ``Ps`` or the state-acting rows. From shapes only; nothing is allocated."""
+    state, train = _state_leaves(params, acting)
+    Ps = sum(int(np.prod(jnp.shape(a))) for a in state)
+    rows = unit_rows(cell, params, acting).idx.shape[0] if diagonal else Ps
+    itemsize = jnp.dtype(jnp.result_type(*train) if train else jnp.float32).itemsize
+    return int(batch_size) * rows * carry_size(cell, params) * itemsize
 
 
 def check_influence_size(nbytes: int, limit: int | None, what: str):
@@ -372,37 +474,43 @@ def check_influence_size(nbytes: int, limit: int | None, what: str):
 
 
 def dense_trace0(fs: FlatStep, theta, key):
-    """``J_0 = d s_0 / d theta`` as ``[P, n]`` (zero unless the initial carry is learned)."""
+    """``J_0 = d s_0 / d theta_s`` as ``[Ps, n]`` (zero unless the initial carry is learned)."""
     del key
-    return jax.jacrev(fs.carry0)(theta).T
+    return jax.jacrev(lambda ths: fs.carry0_parts(ths, theta[fs.Ps:]))(theta[:fs.Ps]).T
 
 
 def dense_core(mode: str = "jacobian", mask=None) -> Core:
-    """The :data:`Core` advancing the dense influence ``J [P, n]`` (restricted to a boolean ``mask [P, n]``: SnAp-n).
+    """The :data:`Core` advancing the dense influence ``J [Ps, n]`` (restricted to a boolean ``mask [Ps, n]``:
+    SnAp-n) of the state-acting parameters (all ``P`` without a split, see :func:`flat_step`).
 
     ``mode="jacobian"``: ``n + 1`` vector-Jacobian products give ``ds_t/dtheta``, ``ds_t/ds_{t-1}`` and the loss
-    cotangents, then ``J_t = J_{t-1} (ds_t/ds_{t-1})^T + ds_t/dtheta`` is one ``[P, n] x [n, n]`` product.
-    ``mode="jvp"``: ``jax.linearize`` of the step pushed along the ``P`` directions ``(e_k, J[k])`` (one pass gives
-    ``J_t[k]`` and ``dy_t/dtheta_k``; a ``[P, P]`` identity of tangents, a factor ``n`` more work).
+    cotangents, then ``J_t = J_{t-1} (ds_t/ds_{t-1})^T + ds_t/dtheta`` is one ``[Ps, n] x [n, n]`` product.
+    ``mode="jvp"``: ``jax.linearize`` of the step pushed along the ``Ps`` directions ``(e_k, J[k])`` (one pass gives
+    ``J_t[k]`` and ``dy_t/dtheta_k``; a ``[Ps, Ps]`` identity of tangents, a factor ``n`` more work). With a split,
+    these products see only ``theta_s``, and one more vjp gives the output-only parameters' direct gradient.
     """
 
     def core(fs: FlatStep, theta, s, J, x, loss_grad, key):
         del key
-        f = lambda th, ss: fs.step(th, ss, x)
+        Ps = fs.Ps
+        ths, tho = theta[:Ps], theta[Ps:]
+        f = lambda th, ss: fs.step_parts(th, tho, ss, x)
         if mode == "jvp":
-            (s_new, y), lin = jax.linearize(f, theta, s)
-            J_new, dy = jax.vmap(lin)(jnp.eye(fs.P, dtype=theta.dtype), J)  # [P, n], [P, O]
+            (s_new, y), lin = jax.linearize(f, ths, s)
+            J_new, dy = jax.vmap(lin)(jnp.eye(Ps, dtype=theta.dtype), J)  # [Ps, n], [Ps, O]
             loss, gy = loss_grad(y)
-            grad = dy.reshape(fs.P, -1) @ gy.reshape(-1)
+            grad = dy.reshape(Ps, -1) @ gy.reshape(-1)
         else:
-            (s_new, y), vjp = jax.vjp(f, theta, s)
+            (s_new, y), vjp = jax.vjp(f, ths, s)
             loss, gy = loss_grad(y)
             eye = jnp.eye(fs.n, dtype=s.dtype)
             cts = (jnp.concatenate([eye, jnp.zeros((1, fs.n), s.dtype)]),
                    jnp.concatenate([jnp.zeros((fs.n,) + gy.shape, gy.dtype), gy[None]]))
-            gth, gs = jax.vmap(vjp)(cts)  # [n+1, P], [n+1, n]: rows i < n are d s_new[i] / d(theta, s)
+            gth, gs = jax.vmap(vjp)(cts)  # [n+1, Ps], [n+1, n]: rows i < n are d s_new[i] / d(theta_s, s)
             J_new = J @ gs[:-1].T + gth[:-1].T
             grad = gth[-1] + J @ gs[-1]
+        if Ps < fs.P:  # the output-only parameters: their direct gradient
+            grad = jnp.concatenate([grad, jax.vjp(lambda th: fs.step_parts(ths, th, s, x)[1], tho)[1](gy)[0]])
         return s_new, J_new if mask is None else jnp.where(mask, J_new, 0.0), loss, grad
 
     return core

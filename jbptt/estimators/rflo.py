@@ -23,7 +23,7 @@ __all__ = ["rflo"]
 
 @register_estimator("rflo")
 def rflo(cell: Cell, loss_fn: LossFn, *, leak: float = 1.0, feedback: str = "random", feedback_seed: int = 0,
-         readout=hidden_readout, stateful: bool = False) -> GradientEstimator:
+         readout=hidden_readout, stateful: bool = False, split: bool = True) -> GradientEstimator:
     """RFLO as a :class:`GradientEstimator`.
 
     Args:
@@ -32,6 +32,8 @@ def rflo(cell: Cell, loss_fn: LossFn, *, leak: float = 1.0, feedback: str = "ran
         weight, drawn from ``feedback_seed``) or ``"symmetric"`` (the exact ``dl/dh``).
       readout: ``readout(params, new_carry, x) -> y`` matching the step's output (checked by ``init``).
       stateful: carry and eligibility continue between segments (online learning).
+      split: eligibility only for the parameters that act on the state; ``False``: rows for every trainable leaf
+        (a readout with a multiple of ``n`` outputs then gets rows, always zero), as before.
 
     Returns:
       A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState` (eligibility ``[B, R, n]``);
@@ -52,4 +54,5 @@ def rflo(cell: Cell, loss_fn: LossFn, *, leak: float = 1.0, feedback: str = "ran
         return lambda gy, gs: (matrix.astype(gy.dtype) @ gy.reshape(-1)).astype(gs.dtype)
 
     return eligibility_estimator("rflo", cell, loss_fn, block_for, readout=readout,
-                                 feedback_for=feedback_for if feedback == "random" else None, stateful=stateful)
+                                 feedback_for=feedback_for if feedback == "random" else None, stateful=stateful,
+                                 split=split)

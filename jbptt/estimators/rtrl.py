@@ -7,7 +7,10 @@ trainable parameters), stored as ``[P, n]``. With ``(s_t, y_t) = step(theta, s_{
     dL_t/dtheta = dL_t/dy_t (dy_t/dtheta + dy_t/ds_{t-1} J_{t-1})
 
 so readout parameters inside :func:`~jbptt.cells.with_readout` and a learned initial carry
-(``J_0 = d s_0 / d theta``) are handled uniformly. The gradient of each step is available at that step: nothing of
+(``J_0 = d s_0 / d theta``) are handled uniformly. With ``split=True`` (default) the influence is kept only for the
+``Ps`` parameters the carry depends on (:func:`~jbptt.estimators.online.state_acting`): a readout's
+``dL_t/dtheta = dL_t/dy_t dy_t/dtheta`` is taken directly at each step (Elman n=256 with a 256-output readout:
+``Ps = 131,328`` of ``P = 197,120``). The gradient of each step is available at that step: nothing of
 the past is stored, and memory does not grow with ``T``.
 
 - ``mode="jacobian"`` (default) or ``"jvp"``: two ways of advancing the dense influence
@@ -27,6 +30,7 @@ from jbptt.estimator import GradientEstimator, register_estimator
 from jbptt.estimators.compressed import check_unit_structure, compressed_core, compressed_trace0
 from jbptt.estimators.online import (
     DEFAULT_MAX_INFLUENCE_BYTES,
+    acting_for,
     batch_size,
     check_influence_size,
     check_on_example,
@@ -43,7 +47,7 @@ __all__ = ["check_unit_structure", "influence_bytes", "rtrl"]
 
 @register_estimator("rtrl")
 def rtrl(cell: Cell, loss_fn: LossFn, *, mode: str = "jacobian", diagonal: bool = False, stateful: bool = False,
-         max_influence_bytes: int | None = DEFAULT_MAX_INFLUENCE_BYTES) -> GradientEstimator:
+         max_influence_bytes: int | None = DEFAULT_MAX_INFLUENCE_BYTES, split: bool = True) -> GradientEstimator:
     """Exact RTRL as a :class:`GradientEstimator`.
 
     Args:
@@ -56,26 +60,28 @@ def rtrl(cell: Cell, loss_fn: LossFn, *, mode: str = "jacobian", diagonal: bool 
         after every (short) segment. If False (default, as for ``bptt``) every update restarts from the initial
         carry, so independent batches of sequences are handled like BPTT does.
       max_influence_bytes: the largest influence matrix (whole batch) ``init`` accepts; ``None`` for no limit.
+      split: influence only for the parameters that act on the state (``init`` needs ``inputs=`` when
+        ``stateful``); ``False``: over all trainable parameters, as before the split.
 
     Returns:
-      A :class:`GradientEstimator` with state :class:`~jbptt.estimators.online.OnlineState` (trace ``[B, P, n]`` or
-      ``[B, R, n]``) whose ``update`` returns the exact gradient of the segment loss (from the state's carry and
-      influence when ``stateful``). ``update`` is safe under ``jit``.
+      A :class:`GradientEstimator` with state :class:`~jbptt.estimators.online.OnlineState` (trace ``[B, Ps, n]`` or
+      ``[B, R, n]``; ``Ps = P`` with ``split=False``) whose ``update`` returns the exact gradient of the segment
+      loss (from the state's carry and influence when ``stateful``). ``update`` is safe under ``jit``.
     """
     if mode not in ("jvp", "jacobian"):
         raise ValueError(f"rtrl: mode must be 'jvp' or 'jacobian', got {mode!r}")
 
-    def parts(params):
+    def parts(params, acting=None):
         if diagonal:
-            rows = unit_rows(cell, params)
+            rows = unit_rows(cell, params, acting)
             return compressed_core(rows, None), compressed_trace0(rows)
         return dense_core(mode), dense_trace0
 
     def check(params, carry, inputs):
-        B = batch_size(carry)
-        check_influence_size(influence_bytes(cell, params, B, diagonal=diagonal), max_influence_bytes,
+        B, acting = batch_size(carry), acting_for(cell, params, inputs) if split else None
+        check_influence_size(influence_bytes(cell, params, B, diagonal=diagonal, acting=acting), max_influence_bytes,
                              "diagonal path" if diagonal else f"batch {B} x params x carry")
         if diagonal:
             check_on_example("rtrl(diagonal=True)", lambda p, x: check_unit_structure(cell, p, x), params, inputs)
 
-    return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check)
+    return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check, split=split)

@@ -9,6 +9,8 @@ The influence ``J_t = ds_t/dtheta`` is replaced by a rank-one estimate ``s~_t th
 where ``rho0 = sqrt(|theta~| / |D s~|)`` and ``rho1 = sqrt(|nu^T M| / |nu|)`` minimise the variance. One jvp
 (``D s~``) and one vjp (``nu^T M`` together with the loss cotangents) per step: cost like a forward pass, memory
 O(n + P) per example. A learned initial carry starts as ``s~_0 = nu_0``, ``theta~_0 = J_0^T nu_0`` (also unbiased).
+With ``split=True`` (default) ``theta~`` covers only the ``Ps`` parameters that act on the state (the others' entries
+would stay exactly zero); their gradient is the step's direct one.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ def _signs(key, n, dtype):
 
 
 def uoro_trace0(fs: FlatStep, theta, key):
-    """``(s~_0 [n], theta~_0 [P])``: a rank-one unbiased estimate of ``J_0 = d s_0 / d theta``."""
+    """``(s~_0 [n], theta~_0 [Ps])``: a rank-one unbiased estimate of ``J_0 = d s_0 / d theta_s``."""
     nu = _signs(key, fs.n, theta.dtype)
-    _, vjp = jax.vjp(fs.carry0, theta)
+    _, vjp = jax.vjp(lambda ths: fs.carry0_parts(ths, theta[fs.Ps:]), theta[:fs.Ps])
     return nu, vjp(nu)[0]
 
 
@@ -46,9 +48,9 @@ def uoro_core(eps: float):
         nu = _signs(key, fs.n, s.dtype)
         gth, gs = jax.vmap(vjp)((jnp.stack([jnp.zeros_like(s_new), nu]),
                                  jnp.stack([gy, jnp.zeros_like(gy)])))
-        grad = gth[0] + jnp.dot(gs[0], st) * tt
+        grad = gth[0] + jnp.pad(jnp.dot(gs[0], st) * tt, (0, fs.P - fs.Ps))
         d_st = jax.jvp(lambda ss: f(theta, ss)[0], (s,), (st,))[1]
-        nu_m = gth[1]
+        nu_m = gth[1][:fs.Ps]
         rho0 = jnp.sqrt(jnp.linalg.norm(tt) / (jnp.linalg.norm(d_st) + eps)) + eps
         rho1 = jnp.sqrt(jnp.linalg.norm(nu_m) / (jnp.linalg.norm(nu) + eps)) + eps
         return s_new, (rho0 * d_st + rho1 * nu, tt / rho0 + nu_m / rho1), loss, grad
@@ -57,17 +59,21 @@ def uoro_core(eps: float):
 
 
 @register_estimator("uoro")
-def uoro(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 1e-7) -> GradientEstimator:
+def uoro(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 1e-7,
+         split: bool = True) -> GradientEstimator:
     """UORO as a :class:`GradientEstimator` for any cell.
 
     Args:
       stateful: carry and rank-one influence continue between segments (online learning); default False (every
         update starts from the initial carry, as for ``bptt``).
       eps: added to the variance-reduction scalings (as in the paper's reference code).
+      split: ``theta~`` only over the parameters that act on the state (``init`` needs ``inputs=`` when
+        ``stateful``); ``False``: over all trainable parameters, as before.
 
     Returns:
       A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState` (trace ``(s~ [B, n],
-      theta~ [B, P])``). ``init(params, carry, *, key=None, inputs=None)``: ``key`` seeds the random signs; it is
+      theta~ [B, Ps])``). ``init(params, carry, *, key=None, inputs=None)``: ``key`` seeds the random signs; it is
       split every update, so successive estimates are independent.
     """
-    return online_estimator(cell, loss_fn, lambda params: (uoro_core(eps), uoro_trace0), stateful=stateful)
+    return online_estimator(cell, loss_fn, lambda params, acting=None: (uoro_core(eps), uoro_trace0),
+                            stateful=stateful, split=split)
