@@ -207,3 +207,33 @@ def test_process_mode_cli(tmp_path, capsys, monkeypatch):
     assert [p["mode"] for p in result["points"]] == ["process", "process"]
     assert result["points"][0]["status"] == "failed" and "exit code 1" in result["points"][0]["message"]
     assert json.loads((tmp_path / "sw" / "seed=1" / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_interrupted_vmapped_group_resumes(tmp_path, monkeypatch):
+    """A SIGINT while two seeds train vmapped: both checkpoint and stop (summary status interrupted), the sweep
+    raises KeyboardInterrupt; run again, each seed is resumed from its own checkpoint by the standard runner and ends
+    as a run of its own would (float64)."""
+    import signal
+
+    from jbptt.experiment import loop
+
+    config = _config(tmp_path)
+    fired, real_log = [], loop.Session.log_train
+
+    def log_train(self, step):
+        real_log(self, step)
+        if step == 5 and not fired:
+            fired.append(step)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(loop.Session, "log_train", log_train)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(config, ["seed=0,1"], sweep_dir=str(tmp_path / "sw"), subprocesses=False)
+    for s in (0, 1):
+        summary = json.loads((tmp_path / "sw" / f"seed={s}" / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and summary["steps"] == 5
+    result = sweep.run_sweep(config, ["seed=0,1"], sweep_dir=str(tmp_path / "sw"), subprocesses=False)
+    assert [p["mode"] for p in result["points"]] == ["inline", "inline"] and result["complete"]
+    runner.train(load_config(config, ["seed=1"]), str(tmp_path / "ref"))
+    _assert_close_records(_records(tmp_path / "sw" / "seed=1"), _records(tmp_path / "ref"))
