@@ -7,10 +7,15 @@ and ``pattern_n`` marks the entries of ``J`` that are non-zero after ``n`` steps
 - ``snap1``: stored compressed, one row per parameter row that drives unit ``j`` (``[R, n]``, memory O(P)), with
   ``D`` reduced to its per-unit blocks (``[N, C, C]``; LSTM keeps the ``(h, c)`` block of each unit). It equals
   exact RTRL on element-wise cells (diagonal linear / LRU, IndRNN). Needs a carry of ``C`` leaves of shape ``[N]``.
-- ``snap2`` / ``snap`` with ``n``: stored as a masked dense ``[P, n]`` influence (same cost as dense RTRL; the
-  pattern is what is being studied). ``init`` measures the pattern once, at random perturbations of the first step of
-  its example ``inputs``, and keeps it in the state.
-  For a fully dense Elman cell SnAp-2 is exact RTRL.
+- ``snap2`` / ``snap`` with ``n``: stored sparse, only on the pattern (:mod:`.snap_sparse`): ``[G, R, K]`` values
+  for the parameters that act on the carry, in ``G`` groups (of at most ``R``) sharing the ``K`` carry entries they
+  can reach in ``n`` steps; a step costs O(G R K^2) plus ``n`` jvps for ``D`` and one jvp per parameter colour for
+  ``M``. ``init`` measures
+  the pattern once, at random perturbations of the first step of its example ``inputs``, and keeps the layout in
+  the state. Parameters that do not act on the carry (a readout) get their exact immediate gradient only.
+  For a fully dense Elman cell SnAp-2 is exact RTRL (``K = n``); on a sparse recurrent cell
+  (:func:`jbptt.cells.sparse_elman`) ``K`` is about ``1 + `` the out-degree of a unit, so SnAp-2 costs a fraction
+  of exact RTRL.
 
 The gradient of step ``t`` contracts the loss cotangent of the carry entering the step with the sparse ``J_{t-1}``
 (plus the exact immediate term), i.e. the last step before each loss is propagated exactly, as for every estimator
@@ -33,63 +38,74 @@ from jbptt.estimators.online import (
     OnlineState,
     batch_size,
     check_influence_size,
-    dense_core,
-    dense_trace0,
     flat_step,
-    influence_bytes,
     init_state,
     online_estimator,
     online_segment,
-    step_jacobian_support,
     unit_rows,
 )
+from jbptt.estimators.snap_sparse import SparseLayout, snap_supports, sparse_core, sparse_layout, sparse_trace0
 from jbptt.losses import LossFn
 
-__all__ = ["SnapState", "snap", "snap1", "snap2", "snap_pattern"]
+__all__ = ["SnapState", "measure_layout", "snap", "snap1", "snap2", "snap_pattern"]
 
 
 def snap_pattern(fs: FlatStep, theta, x, n_steps: int, key):
     """The SnAp-n pattern ``[P, n]`` (booleans) measured at random perturbations of ``(theta, s, x)``.
 
     The entries of ``J`` that ``n`` steps can make non-zero, starting from the immediate influence ``M`` and from
-    ``J_0 = d s_0 / d theta`` (a learned initial carry): ``bool(sum_{k<n} |D|^k (|M| + |J_0|))``. ``M`` and ``D``
-    are unioned over several probe points (:func:`~jbptt.estimators.online.step_jacobian_support`), so a unit that
-    is inactive at one point (ReLU) does not drop its entries from the pattern.
+    ``J_0 = d s_0 / d theta`` (a learned initial carry): ``bool(sum_{k<n} |D|^k (|M| + |J_0|))``; see
+    :func:`~jbptt.estimators.snap_sparse.snap_supports`.
 
     Args:
       fs: the flat view of the cell; ``x``: one example's input; ``key``: PRNG key for the perturbation.
     """
-    k1, k2 = jax.random.split(key)
-    M, D = step_jacobian_support(fs, theta, x, k1)
-    th = theta + 0.1 * jax.random.normal(k2, theta.shape, theta.dtype)
-    a = ((M + jnp.abs(jax.jacfwd(fs.carry0)(th))) > 0).astype(theta.dtype)
-    d = (D > 0).astype(theta.dtype)
-    acc = a
-    for _ in range(n_steps - 1):
-        a = jnp.minimum(d @ a, 1.0)
-        acc = acc + a
-    return (acc > 0).T
+    return snap_supports(fs, theta, x, n_steps, key)[0]
+
+
+def measure_layout(cell: Cell, params, inputs, n_steps: int, key) -> SparseLayout:
+    """The :class:`~jbptt.estimators.snap_sparse.SparseLayout` of SnAp-n, measured on the host.
+
+    At ``params`` and the first step of one example of ``inputs`` when they are concrete (an eager ``init``).
+    Under ``jit`` / ``eval_shape`` the layout's sizes cannot depend on traced values, so the structural pattern is
+    measured at a generic point instead: params and float inputs drawn at random (integer inputs: zeros), and
+    so is the probe key when it is traced.
+    """
+    x0 = jax.tree.map(lambda a: a[0, 0], inputs)
+    with jax.ensure_compile_time_eval():  # everything below is concrete: evaluated now, also inside a trace
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((params, x0, key))):
+            leaves, treedef = jax.tree_util.tree_flatten((params, x0))
+            keys = jax.random.split(jax.random.key(11), len(leaves) + 1)
+            generic = lambda a, k: (jax.random.normal(k, jnp.shape(a), a.dtype)
+                                    if jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros(jnp.shape(a), a.dtype))
+            params, x0 = jax.tree_util.tree_unflatten(treedef, [generic(a, k) for a, k in zip(leaves, keys[1:],
+                                                                                              strict=True)])
+            key = keys[0]
+        fs = flat_step(cell, params)
+        sup = jax.jit(lambda th, x, k: snap_supports(fs, th, x, n_steps, k))(fs.theta, x0, key)
+    return sparse_layout(*jax.device_get(sup))
 
 
 class SnapState(NamedTuple):
     """State of :func:`snap`: an :class:`~jbptt.estimators.online.OnlineState` (``carry``, ``trace``, ``key``) plus
-    the SnAp-n ``pattern`` ``[P, n]`` (booleans), measured once by ``init``."""
+    the SnAp-n ``pattern``, a :class:`~jbptt.estimators.snap_sparse.SparseLayout` measured once by ``init``; the
+    trace is the stored-sparse influence ``[B, G, R, K]``."""
 
     carry: Any
     trace: Any
     key: jax.Array
-    pattern: jax.Array
+    pattern: SparseLayout
 
 
 @register_estimator("snap")
 def snap(cell: Cell, loss_fn: LossFn, *, n: int = 2, stateful: bool = False,
          max_influence_bytes: int | None = DEFAULT_MAX_INFLUENCE_BYTES) -> GradientEstimator:
-    """SnAp-n with a masked dense influence ``[B, P, n]`` (see the module docstring).
+    """SnAp-n with the influence stored on its pattern, ``[B, G, R, K]`` (see the module docstring).
 
     Args:
       n: the number of steps whose Jacobian sparsity the pattern keeps (``>= 1``).
       stateful: see :func:`~jbptt.estimators.rtrl.rtrl`.
-      max_influence_bytes: the largest influence matrix (whole batch) ``init`` accepts; ``None`` for no limit.
+      max_influence_bytes: the largest stored influence (whole batch) ``init`` accepts; ``None`` for no limit.
 
     Returns:
       A :class:`GradientEstimator` with :class:`SnapState`. ``init(params, carry, *, key=None, inputs=...)`` needs
@@ -98,35 +114,32 @@ def snap(cell: Cell, loss_fn: LossFn, *, n: int = 2, stateful: bool = False,
     if n < 1:
         raise ValueError(f"snap: n must be >= 1, got {n}")
 
-    def masked(pattern):
-        return lambda fs, th, k: jnp.where(pattern, dense_trace0(fs, th, k), 0.0)
-
     def init(params, carry, *, key=None, inputs=None):
         if inputs is None:
             raise ValueError(f"snap (n={n}): init needs inputs= (an example of the segment inputs, leaves [B, T, ...]) "
                              "to measure the SnAp pattern")
         B = batch_size(carry)
-        check_influence_size(influence_bytes(cell, params, B), max_influence_bytes, f"SnAp-{n} masked dense, batch {B}")
         key = jax.random.key(0) if key is None else key
-        fs = flat_step(cell, params)
-        x0 = jax.tree.map(lambda a: a[0, 0], inputs)
-        pattern = jax.jit(lambda th, x, k: snap_pattern(fs, th, x, n, k))(fs.theta, x0, jax.random.fold_in(key, 7))
-        return SnapState(*init_state(cell, params, carry, masked(pattern), key), pattern)
+        layout = measure_layout(cell, params, inputs, n, jax.random.fold_in(key, 7))
+        (G, R), K = layout.rows.shape, layout.units.shape[1]
+        nbytes = B * G * R * K * jnp.dtype(jax.eval_shape(lambda p: flat_step(cell, p).theta, params).dtype).itemsize
+        check_influence_size(nbytes, max_influence_bytes, f"SnAp-{n} stored sparse, batch {B} x {G} x {R} x {K}")
+        return SnapState(*init_state(cell, params, carry, sparse_trace0(layout), key), layout)
 
     def update(params, state: SnapState, batch):
         online = OnlineState(state.carry, state.trace, state.key)
-        loss, grads, online = online_segment(cell, loss_fn, params, online, batch,
-                                             core=dense_core("jacobian", state.pattern),
-                                             trace0=masked(state.pattern), stateful=stateful)
+        loss, grads, online = online_segment(cell, loss_fn, params, online, batch, core=sparse_core(state.pattern),
+                                             trace0=sparse_trace0(state.pattern), stateful=stateful)
         return loss, grads, SnapState(*online, state.pattern)
 
     return GradientEstimator(init, update)
 
 
 @register_estimator("snap2")
-def snap2(cell: Cell, loss_fn: LossFn, **options) -> GradientEstimator:
+def snap2(cell: Cell, loss_fn: LossFn, *, stateful: bool = False,
+          max_influence_bytes: int | None = DEFAULT_MAX_INFLUENCE_BYTES) -> GradientEstimator:
     """SnAp-2: :func:`snap` with ``n=2``."""
-    return snap(cell, loss_fn, n=2, **options)
+    return snap(cell, loss_fn, n=2, stateful=stateful, max_influence_bytes=max_influence_bytes)
 
 
 @register_estimator("snap1")
