@@ -14,6 +14,7 @@ import pytest
 
 from jbptt import cli, losses
 from jbptt.estimator import GradientEstimator, register_estimator
+from jbptt.estimators.bptt import bptt
 from jbptt.estimators.online import split_segment
 from jbptt.estimators.rtrl import rtrl
 from jbptt.estimators.tbptt import tbptt
@@ -154,6 +155,12 @@ def _no_state(cell, loss_fn):
                              lambda params, state, batch: (0.0, jax.tree.map(np.zeros_like, params), state))
 
 
+@register_estimator("test_kw_bptt")
+def _kw_bptt(cell, loss_fn, **options):
+    """BPTT behind a ``**options`` factory (its ``stateful`` option is not in the signature)."""
+    return bptt(cell, loss_fn, **options)
+
+
 @pytest.mark.parametrize("sections, key", [
     ({"training": {"chunk": 9}}, "training.chunk"),  # the adding task's T is 8
     ({"training": {"stateful_stream": True}}, "training.stateful_stream"),  # no chunk length
@@ -175,20 +182,27 @@ def test_chunk_config_errors_name_the_key_before_anything_is_written(tmp_path, s
 
 def test_bptt_chunked_is_tbptt_of_the_chunk_length(tmp_path):
     """``bptt`` with ``training.chunk: K`` is built stateful: BPTT over each chunk from the last one's carry, i.e.
-    TBPTT(K, K) (the same gradients chunk after chunk)."""
+    TBPTT(K, K) (the same gradients chunk after chunk); so is a factory taking its options as ``**options``."""
     sections = {"training": {"chunk": 3}, "model": {"dtype": "float64"}}
-    a = build(parse_config(tiny_raw(tmp_path, **sections)))
-    b = build(parse_config(tiny_raw(tmp_path, estimator={"name": "tbptt", "options": {"k1": 3}}, **sections)))
+    a, b, c = (build(parse_config(tiny_raw(tmp_path, estimator=e, **sections)))
+               for e in ({"name": "bptt"}, {"name": "tbptt", "options": {"k1": 3}}, {"name": "test_kw_bptt"}))
     params = a.cell.init(jax.random.key(1), a.task.input_size)
     batch = start_sequences(a.task.sample(jax.random.key(2), 4, "train"))
-    ests = [a.estimator, b.estimator]
-    states = [e.init(params, a.cell.initial_carry(params, (4,))) for e in ests]
-    updates = [jax.jit(e.update) for e in ests]
+    updates = [jax.jit(e.estimator.update) for e in (a, b, c)]
+    states = [e.estimator.init(params, a.cell.initial_carry(params, (4,))) for e in (a, b, c)]
     for j in range(3):  # T = 8: chunks 3, 3, 2 (padded)
         chunk = sequence_chunk(batch, 3, j)
-        (la, ga, states[0]), (lb, gb, states[1]) = (u(params, s, chunk) for u, s in zip(updates, states, strict=True))
-        _close((la, ga), (lb, gb))
+        out = [u(params, s, chunk) for u, s in zip(updates, states, strict=True)]
+        states = [o[2] for o in out]
+        _close(out[0][:2], out[1][:2])
+        _close(out[0][:2], out[2][:2])
     assert not np.allclose(states[0].carry, a.cell.initial_carry(params, (4,)))
+
+
+@register_estimator("test_kw_bptt")
+def _kw_bptt(cell, loss_fn, **options):
+    """BPTT behind a ``**options`` factory (its ``stateful`` option is not in the signature)."""
+    return bptt(cell, loss_fn, **options)
 
 
 @pytest.mark.parametrize("estimator", ["rtrl", "snap1"])

@@ -255,7 +255,8 @@ def build_estimator(cfg: Config, cell: Cell, loss_fn, source: str = "<config>") 
     e = cfg.estimator
     options = dict(e.options)
     if cfg.training.chunk is not None and e.name in ESTIMATORS:
-        if "stateful" not in inspect.signature(ESTIMATORS[e.name]).parameters:
+        params = inspect.signature(ESTIMATORS[e.name]).parameters
+        if "stateful" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             raise ConfigError("training.chunk", f"estimator {e.name!r} has no stateful option, so its state cannot "
                               "cross chunks; leave training.chunk unset", source)
         if options.get("stateful", True) is not True:
