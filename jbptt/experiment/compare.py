@@ -311,8 +311,7 @@ def _training_config(cfg: CompareConfig, spec: EstimatorSpec, out_dir: str, chun
                  training=TrainingConfig(steps=tc.steps * n, batch_size=tc.batch_size, eval_every=tc.eval_every * n,
                                          eval_batch_size=tc.eval_batch_size, checkpoint_every=tc.steps * n,
                                          chunk=chunk),
-                 logging=LoggingConfig(root=out_dir, name=spec.label, log_every=tc.eval_every * n, plots=False,
-                                       gradient_flow=False),
+                 logging=LoggingConfig(root=out_dir, name=spec.label, log_every=1, plots=False, gradient_flow=False),
                  seed=cfg.seed)
     validate(run)
     return run
@@ -321,7 +320,8 @@ def _training_config(cfg: CompareConfig, spec: EstimatorSpec, out_dir: str, chun
 def learning_curves(cfg: CompareConfig, model, fns, out_dir: str) -> dict:
     """Trains each estimator with the runner (:func:`jbptt.experiment.runner.train`, one run folder per label
     under ``<out_dir>/runs``) from the same parameters on the same batches; returns curves per label, read from
-    the runs' ``metrics.jsonl`` (``wall_time``: the run's elapsed time, compilation and evaluation included).
+    the runs' ``metrics.jsonl`` (``wall_time``: the run's time since its first step, which compiles; the
+    evaluations are included).
 
     ``fns``: per label, the jitted fresh-state gradient, for the cosine to the reference logged with the
     validations whose iteration is a multiple of ``align_every`` (and the last).
@@ -351,11 +351,13 @@ def learning_curves(cfg: CompareConfig, model, fns, out_dir: str) -> dict:
         except ConfigError as e:
             path = "training.online_chunk" if e.path.startswith("training.chunk") else f"estimators ({spec.label})"
             raise ConfigError(path, e.problem, e.source) from None
-        val = [r for r in rundir.read_metrics(run_dir) if r["split"] == "val"]
+        records = rundir.read_metrics(run_dir)
+        t0 = records[0]["time"]  # the end of the first (compiling) step
+        val = [r for r in records if r["split"] == "val"]
         aligned = [r for r in val if "align_cosine" in r]
         out[spec.label] = {
             "iteration": [r["step"] / n for r in val], "updates": [r["step"] for r in val],
-            "wall_time": [r["time"] for r in val], "loss": [r["loss"] for r in val],
+            "wall_time": [r["time"] - t0 for r in val], "loss": [r["loss"] for r in val],
             "metric": [r.get(task.metric, np.nan) for r in val],
             "align_iteration": [r["step"] / n for r in aligned],
             "align_cosine": [r["align_cosine"] for r in aligned],

@@ -50,7 +50,7 @@ def plot_training(training: dict, out_dir: str) -> list[str]:
         axes[0].plot(c["iteration"], c["loss"], label=lab)
         axes[1].plot(np.asarray(c["wall_time"]) + 1e-3, c["loss"], label=lab)
     axes[0].set_xlabel("iteration (batches of sequences)")  # updates / chunks per sequence
-    axes[1].set_xlabel("wall time of the run [s] (compilation and evaluation included)")
+    axes[1].set_xlabel("wall time after the first (compiling) step [s], evaluations included")
     axes[1].set_xscale("log")
     for ax in axes:
         ax.set_ylabel("validation loss")
@@ -133,7 +133,7 @@ def markdown(report: dict) -> str:
     tr = report.get("training")
     if tr:
         lines += ["## Learning curves (final validation loss and metric)", "",
-                  f"| estimator | updates | run wall time [s] | final loss | final {tr['metric']} |"
+                  f"| estimator | updates | wall time after step 1 [s] | final loss | final {tr['metric']} |"
                   " mean cosine to the reference along training |", "| --- | --- | --- | --- | --- | --- |"]
         for lab, c in tr["curves"].items():
             lines.append(f"| {lab} | {c['updates'][-1]} | {c['wall_time'][-1]:.2f} | {c['loss'][-1]:.4f} | "
