@@ -232,22 +232,22 @@ def run_subprocess(plan_: Plan, point: Point, run_dir: str, resume: bool, quiet:
     cmd += ["--resume", run_dir] if resume else [plan_.config, *plan_.fixed, *point.overrides, "--run-dir", run_dir]
     t0 = time.time()
     with rundir.Signals() as signals:  # a SIGINT reaches the child too: it checkpoints and exits, then we stop
-        proc = subprocess.Popen(cmd + (["--quiet"] if quiet else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(cmd + (["--quiet"] if quiet else []), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE if quiet else None, text=True)  # not quiet: its progress shows
         _, err = proc.communicate()
     if signals.received is not None or proc.returncode in (130, 128 + 15):
         raise KeyboardInterrupt
     summary = read_json(os.path.join(run_dir, "summary.json"))
     if summary and os.path.getmtime(os.path.join(run_dir, "summary.json")) >= t0 - 1:
         return summary
-    tail = "\n".join(err.strip().splitlines()[-3:])
+    tail = "\n".join(err.strip().splitlines()[-3:]) if err else "see its output above"
     return {"status": "failed", "run_dir": run_dir, "message": f"exit code {proc.returncode}: {tail}"}
 
 
-def run_inline(cfg: Config, run_dir: str, resume: bool, source: str) -> dict:
+def run_inline(cfg: Config, run_dir: str, resume: bool, source: str, quiet: bool = True) -> dict:
     """Runs one point in this process with :func:`~jbptt.experiment.runner.train`."""
     try:
-        summary = runner.train(cfg, run_dir, resume=resume, quiet=True, source=source)
+        summary = runner.train(cfg, run_dir, resume=resume, quiet=quiet, source=source)
     except (ConfigError, ckpt.CheckpointError, OSError) as e:
         return {"status": "failed", "run_dir": run_dir, "message": f"{type(e).__name__}: {e}"}
     if summary["status"] == "interrupted":
@@ -483,7 +483,7 @@ def _run(p: Plan, parallel: str, quiet: bool, subprocesses: bool) -> dict:
                 if subprocesses:
                     done(i, run_subprocess(p, p.points[i], dirs[i], resume, quiet), "process")
                 else:
-                    done(i, run_inline(p.configs[i], dirs[i], resume, p.config), "inline")
+                    done(i, run_inline(p.configs[i], dirs[i], resume, p.config, quiet), "inline")
                 write_reports(p, records, parallel, time.monotonic() - t0, figures=False)
             write_reports(p, records, parallel, time.monotonic() - t0, figures=False)
     finally:
