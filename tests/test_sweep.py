@@ -50,7 +50,7 @@ def test_bad_axes(axes, key):
 
 
 @pytest.mark.parametrize("axes", [["optimizer.lr=0.01,abc"], ["model.hiden=4,8"], ["seed=0..1", "model.cell=gru,xyz"],
-                                  ["optimizer.options.b1=0.9,abc"]])
+                                  ["optimizer.options.b1=abc,0.9"]])
 def test_bad_points_exit_2_before_writing(tmp_path, capsys, axes):
     config = _config(tmp_path)
     assert sweep.run_cli(_args(config, axes)) == 2
