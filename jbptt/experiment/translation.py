@@ -200,10 +200,10 @@ def plot_attention(rows: list[dict], extra: dict, out: str, index: int = 0) -> s
     src = list(rows[index]["source"])
     out_chars = list(extra["greedy"][index]) + ["<eos>"]
     out_chars = out_chars[:n_out]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.2 * n_src + 1.5), max(3.0, 0.2 * n_out + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.14 * n_src + 1.5), max(3.0, 0.14 * n_out + 1.0)))
     ax.imshow(att, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(n_src), ["␣" if c == " " else c for c in src], fontsize=7)
-    ax.set_yticks(range(len(out_chars)), ["␣" if c == " " else c for c in out_chars], fontsize=7)
+    ax.set_xticks(range(n_src), ["␣" if c == " " else c for c in src], fontsize=6)
+    ax.set_yticks(range(len(out_chars)), ["␣" if c == " " else c for c in out_chars], fontsize=6)
     ax.set_xlabel("source (" + rows[index]["source"] + ")")
     ax.set_ylabel("output")
     ax.set_title(f"attention: {rows[index]['hypothesis']}", fontsize=9)
