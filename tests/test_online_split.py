@@ -72,11 +72,17 @@ def test_trace_rows_are_the_state_acting_params(key):
 
 def test_unit_rows_leave_out_a_readout_with_n_outputs():
     """The compressed layout took every leaf whose last axis is a multiple of N, so a readout ``[N, N]`` got
-    rows; with the split only the recurrent, input and bias rows remain."""
+    rows; with the split only the recurrent, input and bias rows remain, and a state-acting leaf that does not fit
+    the layout (a sparse cell's values) is an error instead of an influence silently dropped."""
     params = READOUT.init(jax.random.key(0), I)
     acting = state_acting(READOUT, params, jax.ShapeDtypeStruct((I,), jnp.float32))
     assert unit_rows(READOUT, params, acting).idx.shape == (1 + 4 + I, 4)
     assert unit_rows(READOUT, params).idx.shape == (1 + 4 + I + 4 + 1, 4)
+    sparse = cells.CELLS["sparse_elman"](4, density=0.4)  # w_h_values: [6] recurrent weights, not per unit
+    params = sparse.init(jax.random.key(0), I)
+    acting = state_acting(sparse, params, jax.ShapeDtypeStruct((I,), jnp.float32))
+    with pytest.raises(ValueError, match=r"shape \(6,\).*snap2"):
+        unit_rows(sparse, params, acting)
 
 
 RTRL_CASES = [

@@ -139,11 +139,6 @@ def flat_step(cell: Cell, params, acting=None) -> FlatStep:
                     lambda ths, tho: ravel_carry(cell.initial_carry(place(un_s(ths) + un_o(tho)), ())))
 
 
-def example_input(inputs):
-    """One example's input step as ``jax.ShapeDtypeStruct`` leaves, from segment inputs (leaves ``[B, T, ...]``)."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[2:], jnp.result_type(a)), inputs)
-
-
 # Calls whose body is followed by the dataflow of :func:`state_acting` (any other equation, including scans, conds,
 # while loops and custom-derivative calls, counts as one: each output depends on every input).
 _TRANSPARENT = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call")
@@ -202,7 +197,8 @@ def state_acting(cell: Cell, params, x) -> tuple[bool, ...]:
 def acting_for(cell: Cell, params, inputs):
     """:func:`state_acting` at the first step of segment ``inputs`` (leaves ``[B, T, ...]``); ``None`` (no split)
     when ``inputs`` is ``None``."""
-    return None if inputs is None else state_acting(cell, params, example_input(inputs))
+    x = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[2:], jnp.result_type(a)), inputs)
+    return None if inputs is None else state_acting(cell, params, x)
 
 
 def batch_size(carry) -> int:
@@ -389,7 +385,8 @@ def unit_rows(cell: Cell, params, acting=None) -> UnitRows:
     read). Raises if the carry is not ``C x [N]``. ``idx`` is ``[0, N]`` when no trainable leaf drives a unit
     (e.g. an ESN whose reservoir is fixed): every compressed algorithm is then defined, with an empty influence.
     ``acting`` (:func:`state_acting`): only the state-acting leaves give rows (positions in the theta of
-    ``flat_step(cell, params, acting)``); ``None``: every trainable leaf whose last axis fits."""
+    ``flat_step(cell, params, acting)``) and one that does not fit raises; ``None``: every trainable leaf whose
+    last axis fits, the others are skipped."""
     carry = jax.eval_shape(lambda p: cell.initial_carry(p, ()), params)
     shapes = {tuple(jnp.shape(c)) for c in jax.tree_util.tree_leaves(carry)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
@@ -405,6 +402,9 @@ def unit_rows(cell: Cell, params, acting=None) -> UnitRows:
         if len(shape) >= 1 and shape[-1] % N == 0:
             pos = offset + np.arange(size).reshape(-1, shape[-1] // N, N)
             rows.append(pos.reshape(-1, N))
+        elif acting is not None:  # its influence would be dropped silently (e.g. a sparse cell's [nnz] values)
+            raise ValueError(f"unit-wise influence: a parameter leaf of shape {shape} acts on the state but its last "
+                             f"axis is not made of blocks of N={N} units (a sparse cell?); use rtrl, snap2 or uoro")
         offset += size
     # no row (e.g. an ESN: only a readout is trained): the influence is empty, ``[0, C*N]``, and exactly zero
     idx = np.concatenate(rows) if rows else np.zeros((0, N), np.int64)
