@@ -10,11 +10,10 @@ and ``pattern_n`` marks the entries of ``J`` that are non-zero after ``n`` steps
 - ``snap2`` / ``snap`` with ``n``: stored sparse, only on the pattern (:mod:`.snap_sparse`): ``[G, R, K]`` values
   for the parameters that act on the carry, in ``G`` groups (of at most ``R``) sharing the ``K`` carry entries they
   can reach in ``n`` steps; a step costs O(G R K^2) plus ``n`` jvps for ``D`` and one jvp per parameter colour for
-  ``M``. ``init`` measures
-  the pattern once, at random perturbations of the first step of its example ``inputs``, and keeps the layout in
-  the state. Parameters that do not act on the carry (a readout) get their exact immediate gradient only.
-  For a fully dense Elman cell SnAp-2 is exact RTRL (``K = n``); on a sparse recurrent cell
-  (:func:`jbptt.cells.sparse_elman`) ``K`` is about ``1 + `` the out-degree of a unit, so SnAp-2 costs a fraction
+  ``M``. ``init`` measures the pattern once, at random perturbations of the first step of its example ``inputs``,
+  and keeps the layout in the state. Parameters that do not act on the carry (a readout) get their exact immediate
+  gradient only. For a fully dense Elman cell SnAp-2 is exact RTRL (``K = n``); on a sparse recurrent cell
+  (:func:`jbptt.cells.sparse_elman`) ``K`` is about ``1 +`` the out-degree of a unit, so SnAp-2 costs a fraction
   of exact RTRL.
 
 The gradient of step ``t`` contracts the loss cotangent of the carry entering the step with the sparse ``J_{t-1}``
