@@ -71,17 +71,21 @@ def measure_layout(cell: Cell, params, inputs, n_steps: int, key) -> SparseLayou
     so is the probe key when it is traced.
     """
     x0 = jax.tree.map(lambda a: a[0, 0], inputs)
-    with jax.ensure_compile_time_eval():  # everything below is concrete: evaluated now, also inside a trace
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((params, x0, key))):
-            leaves, treedef = jax.tree_util.tree_flatten((params, x0))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((params, x0, key))):
+        leaves, treedef = jax.tree_util.tree_flatten((params, x0))
+        with jax.ensure_compile_time_eval():  # concrete: evaluated now, also inside a trace
             keys = jax.random.split(jax.random.key(11), len(leaves) + 1)
             generic = lambda a, k: (jax.random.normal(k, jnp.shape(a), a.dtype)
                                     if jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros(jnp.shape(a), a.dtype))
             params, x0 = jax.tree_util.tree_unflatten(treedef, [generic(a, k) for a, k in zip(leaves, keys[1:],
                                                                                               strict=True)])
             key = keys[0]
+    with jax.ensure_compile_time_eval():
         fs = flat_step(cell, params)
-        sup = jax.jit(lambda th, x, k: snap_supports(fs, th, x, n_steps, k))(fs.theta, x0, key)
+    # a compiled program called on concrete arrays runs now, also inside an outer trace (a jit call there would be
+    # traced into it; evaluating the probes eagerly would fold their [P, P] tangent bases into constants)
+    supports = jax.jit(lambda th, x, k: snap_supports(fs, th, x, n_steps, k))
+    sup = supports.lower(fs.theta, x0, key).compile()(fs.theta, x0, key)
     return sparse_layout(*jax.device_get(sup))
 
 

@@ -154,18 +154,15 @@ def _immediate(layout: SparseLayout, f, theta, drives, chunk: int = 1):
     """``[G, R, K]``: ``d f(theta)[units[g, a]] / d theta[rows[g, r]]`` (where ``drives``), by one jvp per
     colour, ``chunk`` colours at a time (a colour's tangent can be as large as a dense weight matrix: a sparse
     cell densifies it). ``f: theta [P] -> [n]``."""
-    P = theta.shape[0]
-
     def cols(members):  # [P+1] indicator of one colour -> the jvp [n]
-        t = jnp.zeros((P + 1,), theta.dtype).at[members].set(1.0)[:P]
+        t = jnp.zeros((theta.shape[0] + 1,), theta.dtype).at[members].set(1.0)[:-1]
         return jax.jvp(f, (theta,), (t,))[1]
 
     m = jax.lax.map(cols, layout.members, batch_size=chunk)  # [C, n]
     m = jnp.pad(m, ((0, 1), (0, 1)))  # the padding colour and unit read zeros
-    K = layout.units.shape[1]
     unit = jnp.take_along_axis(jnp.pad(layout.units, ((0, 0), (0, 1)), constant_values=m.shape[1] - 1), drives, 1)
     vals = _gather2(m, layout.color[:, :, None], unit[:, None, :])  # [G, R, Kd]: only where M can be non-zero
-    onehot = (drives[:, :, None] == jnp.arange(K, dtype=drives.dtype)).astype(m.dtype)  # [G, Kd, K]
+    onehot = (drives[:, :, None] == jnp.arange(layout.units.shape[1], dtype=drives.dtype)).astype(m.dtype)  # [G, Kd, K]
     return jnp.einsum("grd,gdk->grk", vals, onehot)
 
 
