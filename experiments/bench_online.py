@@ -21,8 +21,9 @@ parameters (readout included), ``jax.jacfwd`` of the step with respect to it and
 influence ``J [n, P]`` advanced as ``J <- (ds'/ds) J + ds'/dtheta``, a ``lax.scan`` over ``T`` and ``vmap`` over the
 batch. ``jacfwd`` pushes one tangent per parameter through the step, so its tangent basis alone is ``P x P``: where
 that exceeds ``--naive-max-bytes`` the naive point is reported as skipped (with the size it would need) instead of
-exhausting the machine's memory. The target case (n=256, readout 256: P = 197,120, a 155 GB basis) is then measured
-again at n=64 (readout 64), where the naive RTRL fits, so that its gain over the naive one is still measured.
+exhausting the machine's memory. The target case (n=256, readout 256: P = 132,608, a 66 GiB basis in float32) is
+then measured again at n=64 (readout 64), where the naive RTRL fits, so that its gain over the naive one is still
+measured.
 
 ``rtrl_nosplit`` is ``rtrl(split=False)`` (the influence over every parameter, readout included: the behaviour
 before the state/output parameter split). Where the installed ``rtrl`` has no ``split`` option the script says so and
