@@ -118,12 +118,16 @@ def workdir(tmp_path, monkeypatch):
 def _exec(block: Block, code) -> None:
     """Executes ``code`` of ``block`` in a fresh namespace; an optional third-party package that is not installed
     skips the test (as ``pytest.importorskip`` would), a missing jbptt module fails it."""
+    argv = sys.argv
+    sys.argv = [block.page]  # run as a script with no arguments, not with pytest's
     try:
         exec(compile(code, block.page, "exec"), {"__name__": "__main__"})
     except ModuleNotFoundError as e:
         if (e.name or "jbptt").split(".")[0] == "jbptt":
             raise
         pytest.skip(f"optional package {e.name} is not installed")
+    finally:
+        sys.argv = argv
 
 
 @pytest.mark.parametrize("block", [b for b in PYTHON if b.marker is None], ids=_id)
