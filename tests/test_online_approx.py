@@ -142,22 +142,6 @@ def test_cell_checks_run_in_init(key):
             est.init(params, carry)
 
 
-def test_snap_measures_its_pattern_once_in_init(key):
-    """SnAp-n keeps the pattern ``init`` measured in its state (``update`` does not probe the cell again), and
-    ``init`` without example inputs is one clear error."""
-    params, batch = problem(ELMAN, key, T=4)
-    carry = ELMAN.initial_carry(params, (2,))
-    est = jbptt.make_estimator("snap2", ELMAN, losses.mse, stateful=True)
-    with pytest.raises(ValueError, match="inputs="):
-        est.init(params, carry)
-    state = est.init(params, carry, inputs=batch.inputs)
-    P = sum(a.size for a in jax.tree.leaves(params))
-    assert state.pattern.shape == (P, ELMAN.hidden_size) and state.pattern.dtype == bool
-    _, _, new = jax.jit(est.update)(params, state, batch)
-    assert bool(jnp.all(new.pattern == state.pattern))
-    assert not bool(jnp.any(jnp.where(state.pattern[None], 0.0, new.trace)))  # the trace stays on the pattern
-
-
 @functools.cache
 def local_rule_problems(name):
     """The T=1 and T=12 problems of ``ELMAN`` / ``LSTM`` and their references."""

@@ -215,3 +215,20 @@ def test_undefined_compressed_paths_are_clear_errors(key):
         with pytest.raises(ValueError, match=match):
             jbptt.make_estimator(name, cell, losses.mse, **options).init(params, cell.initial_carry(params, (2,)),
                                                                          inputs=batch.inputs)
+
+
+@pytest.mark.parametrize("name", ["snap1", "eprop", "rflo"])
+@pytest.mark.parametrize("split", [True, False])
+def test_unit_wise_estimators_refuse_parameters_off_their_unit(name, split):
+    """A sparse cell's flat recurrent values whose count is a multiple of N look unit-wise by shape but are not:
+    init checks the layout on the example inputs and refuses them (before: wrong gradients, silently)."""
+    cell = cells.with_readout(cells.CELLS["sparse_elman"](8, density=0.25), 2)  # w_h_values: [16], 16 % 8 == 0
+    params = cell.init(jax.random.key(0), 3)
+    xs = jax.random.normal(jax.random.key(1), (2, 4, 3))
+    est = jbptt.make_estimator(name, cell, losses.mse, stateful=True, split=split)
+    with pytest.raises(ValueError, match="drives another unit"):
+        est.init(params, cell.initial_carry(params, (2,)), inputs=xs)
+    dense = cells.with_readout(cells.elman(8), 2)  # a dense cell passes the same check
+    p = dense.init(jax.random.key(0), 3)
+    jbptt.make_estimator(name, dense, losses.mse, stateful=True, split=split).init(
+        p, dense.initial_carry(p, (2,)), inputs=xs)

@@ -21,6 +21,7 @@ from jbptt.estimators.online import (
     Core,
     FlatStep,
     UnitRows,
+    acting_for,
     check_on_example,
     flat_step,
     online_estimator,
@@ -150,6 +151,43 @@ def check_unit_structure(cell: Cell, params, x, *, key=None, atol: float = 0.0):
                          f"{bad.max():.3g}); use dense rtrl or snap1")
 
 
+def check_unit_rows(name: str, cell: Cell, params, x, acting=None, *, key=None, rtol: float = 1e-4):
+    """Checks at a random point that every parameter the unit-wise layout (:func:`unit_rows`) puts at unit ``j``
+    drives unit ``j`` only, so the compressed influence loses nothing it claims to keep.
+
+    One jvp per row gives ``d_r[:, j] = ds/dtheta[idx[r, j]]`` if the layout is right; one more jvp along random
+    weights ``z [R, N]`` on the same positions must then equal ``sum_r z[r, j] d_r[:, j]``. A parameter that drives
+    another unit (e.g. a sparse cell's flat ``[nnz]`` recurrent values whose count happens to be a multiple of
+    ``N``) breaks the equality. Cost: one step of the compressed core. ``x``: one example's input. Eager only.
+
+    Raises:
+      ValueError: naming ``name`` and what to use instead.
+    """
+    rows = unit_rows(cell, params, acting)
+    if rows.idx.shape[0] == 0:
+        return
+    fs = flat_step(cell, params, acting)
+    R, C, N = rows.idx.shape[0], rows.C, rows.N
+
+    @jax.jit
+    def residual(theta, x, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        theta = theta + 0.1 * jax.random.normal(k1, theta.shape, theta.dtype)
+        s = jax.random.normal(k2, (fs.n,), theta.dtype)
+        z = jax.random.normal(k3, rows.idx.shape, theta.dtype)
+        step = lambda th: fs.step(th, s, x)[0]
+        d = jax.vmap(lambda t: jax.jvp(step, (theta,), (t,))[1])(row_tangents(rows, fs.P, theta.dtype))
+        u = jax.jvp(step, (theta,), (scatter_rows(rows, z, fs.P),))[1]
+        want = jnp.sum(d.reshape(R, C, N) * z[:, None, :], axis=0).reshape(-1)
+        return jnp.max(jnp.abs(u - want)), jnp.max(jnp.abs(u)) + jnp.max(jnp.abs(want))
+
+    err, scale = residual(fs.theta, x, jax.random.key(1) if key is None else key)
+    if float(err) > rtol * float(scale) + 1e-30:
+        raise ValueError(f"{name}: the unit-wise influence needs every parameter to drive the unit of its column, but "
+                         f"some parameter drives another unit (relative mismatch {float(err) / float(scale):.2g}; "
+                         "e.g. a sparse cell's flat recurrent values): use rtrl, snap2 or uoro")
+
+
 def hidden_readout(params, carry, x):
     """``y`` from the first carry component ``h``: ``h W + b`` when ``params`` has a ``with_readout`` readout."""
     del x
@@ -199,5 +237,7 @@ def eligibility_estimator(name: str, cell: Cell, loss_fn: LossFn, block_for: Cal
 
     def check(params, carry, inputs):
         check_on_example(name, lambda p, x: check_readout(cell, p, readout, x), params, inputs)
+        acting = acting_for(cell, params, inputs) if split else None
+        check_on_example(name, lambda p, x: check_unit_rows(name, cell, p, x, acting), params, inputs)
 
     return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check, split=split)

@@ -23,8 +23,16 @@ import numpy as np
 
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.estimators.compressed import row_tangents, scatter_rows
-from jbptt.estimators.online import FlatStep, UnitRows, check_on_example, flat_step, online_estimator, unit_rows
+from jbptt.estimators.compressed import check_unit_rows, row_tangents, scatter_rows
+from jbptt.estimators.online import (
+    FlatStep,
+    UnitRows,
+    acting_for,
+    check_on_example,
+    flat_step,
+    online_estimator,
+    unit_rows,
+)
 from jbptt.losses import LossFn
 
 __all__ = ["check_rank_one", "kfrtrl"]
@@ -113,5 +121,7 @@ def kfrtrl(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 
 
     def check(params, carry, inputs):
         check_on_example("kfrtrl", lambda p, x: check_rank_one(cell, p, x), params, inputs)
+        acting = acting_for(cell, params, inputs) if split else None
+        check_on_example("kfrtrl", lambda p, x: check_unit_rows("kfrtrl", cell, p, x, acting), params, inputs)
 
     return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check, split=split)

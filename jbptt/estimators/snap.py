@@ -30,13 +30,15 @@ import jax.numpy as jnp
 
 from jbptt.cells import Cell
 from jbptt.estimator import GradientEstimator, register_estimator
-from jbptt.estimators.compressed import compressed_core, compressed_trace0
+from jbptt.estimators.compressed import check_unit_rows, compressed_core, compressed_trace0
 from jbptt.estimators.online import (
     DEFAULT_MAX_INFLUENCE_BYTES,
     FlatStep,
     OnlineState,
+    acting_for,
     batch_size,
     check_influence_size,
+    check_on_example,
     flat_step,
     init_state,
     online_estimator,
@@ -146,16 +148,27 @@ def snap2(cell: Cell, loss_fn: LossFn, *, stateful: bool = False,
 
 
 @register_estimator("snap1")
-def snap1(cell: Cell, loss_fn: LossFn, *, stateful: bool = False) -> GradientEstimator:
+def snap1(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, split: bool = True) -> GradientEstimator:
     """SnAp-1 with the compressed influence ``[B, R, n]`` (memory O(P) per example, independent of ``T``).
+
+    Args:
+      stateful: see :func:`~jbptt.estimators.rtrl.rtrl`.
+      split: influence only for the parameters that act on the state (see
+        :func:`~jbptt.estimators.online.online_estimator`); ``False``: every trainable leaf on the unit layout.
 
     Returns:
       A :class:`GradientEstimator` with :class:`~jbptt.estimators.online.OnlineState`; ``init`` raises unless the
-      carry is ``C`` leaves of shape ``[N]``. ``update`` is safe under ``jit``.
+      carry is ``C`` leaves of shape ``[N]`` and every parameter on the unit layout drives its own unit (checked on
+      ``inputs`` when given: a sparse cell's flat recurrent values are not unit-wise, use ``snap`` with ``n=1``).
+      ``update`` is safe under ``jit``.
     """
 
-    def parts(params):
-        rows = unit_rows(cell, params)
+    def parts(params, acting=None):
+        rows = unit_rows(cell, params, acting)
         return compressed_core(rows, lambda blocks, *_: blocks), compressed_trace0(rows)
 
-    return online_estimator(cell, loss_fn, parts, stateful=stateful)
+    def check(params, carry, inputs):
+        acting = acting_for(cell, params, inputs) if split else None
+        check_on_example("snap1", lambda p, x: check_unit_rows("snap1", cell, p, x, acting), params, inputs)
+
+    return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check, split=split)
