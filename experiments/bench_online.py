@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+import jbptt.estimators  # noqa: F401  (importing it registers every estimator)
 from jbptt import losses
 from jbptt.batch import Batch
 from jbptt.cells import elman, sparse_elman, with_readout

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import jbptt.estimators  # noqa: F401  (importing it registers every estimator)
 from jbptt import losses
 from jbptt.batch import Batch
 from jbptt.cells import elman, learned_initial_carry, lstm, sparse_elman, with_readout
