@@ -66,6 +66,9 @@ def undefined(case: Case, z: ZooCell) -> str | None:
     if case.name == "kfrtrl" and not z.rank_one:
         return ("kfrtrl needs a rank-one immediate influence a ⊗ psi (an Elman-type cell h' = f([x, h, 1] W)); "
                 "this cell's does not factorise")
+    if case.id == "snap1" and z.name in ("stack", "fused_stack_learned_carry"):
+        return ("snap1's compressed per-unit layout needs every parameter to drive its own unit only; in a stack a "
+                "layer's parameters drive the next layer's units within the same step (snap with n=1 is SnAp-1 here)")
     if case.name in ("eprop", "rflo") and not z.reads_h:
         return (f"{case.name}'s learning signal dl/dh needs the output to be a readout of the carry's first "
                 "component h; this cell's output is not")
