@@ -300,17 +300,6 @@ def test_parallel_config_process_keys(tmp_path):
     assert start_processes(cfg(mode="sharded")) is False
 
 
-def test_readme_parallel_example_runs():
-    """The README's data-parallel example runs as written (on however many devices this process has)."""
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = text.split("## Several devices and several processes (`jbptt.parallel`)", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})
-
-
 def test_runner_tbptt_with_replay_window_in_parallel_mode(tmp_path):
     """`estimator: tbptt` with k2 > k1 (a replay window of past inputs in its state) trains in the runner, and in
     its parallel path like in the plain one: its init allocates the window from the example inputs."""

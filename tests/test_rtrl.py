@@ -4,8 +4,6 @@ Estimator and reference are compiled together, with the cheap code generation te
 since compilation dominates these tests.
 """
 
-import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -167,11 +165,3 @@ def test_diagonal_influence_is_linear_in_n():
         params = jax.eval_shape(lambda k, c=cell: c.init(k, 2), jax.random.key(0))
         assert influence_bytes(cell, params, 1, diagonal=True) == (2 + 1 + 1) * n * 4
         assert influence_bytes(cell, params, 1) == (2 + 1 + 1) * n * n * 4
-
-
-def test_readme_online_example_runs():
-    """The README's online-learning example runs as written."""
-    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = text.split("## Online learning: exact RTRL and its approximations", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})
