@@ -82,7 +82,7 @@ def check_rank_one(cell: Cell, params, x, *, key=None, rtol: float = 1e-6):
     if rows.C != 1:
         raise ValueError(f"kfrtrl needs a single-component carry (Elman); this cell has {rows.C} components")
     fs = flat_step(cell, params)
-    if np.any(np.asarray(jax.jit(jax.jacfwd(fs.carry0))(fs.theta)) != 0):
+    if np.any(np.asarray(jax.jit(jax.jacrev(fs.carry0))(fs.theta)) != 0):
         raise ValueError("kfrtrl does not support a learned initial carry (its trace starts at J_0 = 0); use uoro")
     s = jax.random.normal(jax.random.key(0) if key is None else key, (fs.n,), fs.theta.dtype)
     sv = np.linalg.svd(np.asarray(jax.jit(lambda th, ss: _immediate(fs, rows, th, ss, x))(fs.theta, s)),

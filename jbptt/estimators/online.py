@@ -433,7 +433,7 @@ def step_jacobian_support(fs: FlatStep, theta, x, key, *, pairs: int = 4, scale:
         th = theta + 0.1 * jax.random.normal(k1, theta.shape, theta.dtype)
         s = sign * c * jax.random.normal(k2, (fs.n,), theta.dtype)
         xs = jax.tree.map(lambda a: a + sign * c * jax.random.normal(k3, jnp.shape(a), a.dtype) if fx(a) else a, x)
-        M, D = jax.jacfwd(lambda t, ss: fs.step(t, ss, xs)[0], argnums=(0, 1))(th, s)
+        M, D = jax.jacrev(lambda t, ss: fs.step(t, ss, xs)[0], argnums=(0, 1))(th, s)  # n rows, not P + n
         return (jnp.maximum(acc[0], jnp.abs(M)), jnp.maximum(acc[1], jnp.abs(D))), None
 
     keys = jnp.repeat(jax.random.split(key, pairs), 2, axis=0)  # the same z for both points of a pair

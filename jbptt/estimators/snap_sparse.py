@@ -68,7 +68,7 @@ def snap_supports(fs: FlatStep, theta, x, n_steps: int, key):
     k1, k2 = jax.random.split(key)
     M, D = step_jacobian_support(fs, theta, x, k1)
     th = theta + 0.1 * jax.random.normal(k2, theta.shape, theta.dtype)
-    m, j0 = M > 0, jnp.abs(jax.jacfwd(fs.carry0)(th)) > 0
+    m, j0 = M > 0, jnp.abs(jax.jacrev(fs.carry0)(th)) > 0
     a = (m | j0).astype(theta.dtype)
     d = (D > 0).astype(theta.dtype)
     acc = a
