@@ -124,7 +124,8 @@ def _check_gradients(cell, params, names, ragged):
         assert _max_err(g, g0) < 1e-10, (ragged, name)
 
 
-@pytest.mark.parametrize("cell_name", ["elman", "lstm", "stack"])
+@pytest.mark.parametrize("cell_name", [pytest.param("elman", marks=pytest.mark.slow), "lstm",
+                                       pytest.param("stack", marks=pytest.mark.slow)])
 def test_gradient_equals_plain_bptt(cell_name, problem):
     """The policies of :data:`COVER`, with seq_lengths and resets (the masked path covers the plain one)."""
     _check_gradients(*problem(cell_name), COVER[cell_name], True)

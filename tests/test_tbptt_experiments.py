@@ -11,6 +11,7 @@ import yaml
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 
 
+@pytest.mark.slow  # the sweep machinery it runs is tested in tests/test_sweep.py
 def test_truncation_vs_lag_reduced(tmp_path):
     """One lag, two truncations (echo task, T = 20, lag 5): TBPTT(10, 10) learns, TBPTT(5, 5) stays near chance."""
     import truncation_vs_lag

@@ -22,7 +22,7 @@ sequence at once:
     biases and ``dL/dxs`` are each one large product. Forward mode (``jax.jvp``) and higher derivatives work.
     The forward loop does one ``[x_t, h] [W_x; W_h]`` product per step (LSTM; the GRU does ``x_t W_x`` and
     ``h W_h``) instead of hoisting the input projection: on the CPU, writing and re-reading the ``[T, B, G]``
-    projections costs more than it saves (``experiments/PERFORMANCE.md``).
+    projections costs more than it saves (``docs/performance.md``).
 ``"vjp"``
     The same backward pass written out by hand as a ``jax.custom_vjp`` (reverse mode only: ``jax.jvp`` of it
     raises).

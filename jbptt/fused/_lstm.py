@@ -47,7 +47,7 @@ def _lstm_forward(w_x, w_h, b, xs, h0, c0, valid, reset, unroll, residuals: bool
 
     With ``hoist`` the input projection ``xs W_x + b`` of all steps is one product before the loop; without, each
     step does one product ``[x_t, h] [W_x; W_h]`` (on the CPU this avoids writing and re-reading the ``[T, B, 4H]``
-    projections, which costs more than the larger per-step product saves; see experiments/PERFORMANCE.md).
+    projections, which costs more than the larger per-step product saves; see docs/performance.md).
 
     Returns ``((hT, cT), hs)``, or ``((hT, cT), (hs, k, f, q))`` with the derivative residuals (see above) when
     ``residuals``; ``hs`` are the carries after every step ``[T, B, H]``.
