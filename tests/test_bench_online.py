@@ -95,7 +95,7 @@ def test_naive_skips_a_basis_over_the_limit(bench):
 @pytest.mark.parametrize("make_cell", [
     lambda: with_readout(elman(5), 3),
     pytest.param(lambda: with_readout(sparse_elman(6, density=0.3), 2), marks=pytest.mark.slow),
-    lambda: learned_initial_carry(lstm(3)),
+    pytest.param(lambda: learned_initial_carry(lstm(3)), marks=pytest.mark.slow),
 ], ids=["elman_readout", "sparse_elman", "learned_carry_lstm"])
 def test_naive_rtrl_is_exact_rtrl(bench, make_cell):
     cell = make_cell()

@@ -15,7 +15,9 @@ from jbptt.unroll import unroll, with_step_keys
 B, T, I = 2, 5, 3
 
 
-@pytest.mark.parametrize("name,cell", cell_zoo(), ids=[n for n, _ in cell_zoo()])
+@pytest.mark.parametrize("name,cell", [  # the fused cells equal the plain ones (tests/test_fused.py): slow here
+    pytest.param(n, c, marks=pytest.mark.slow) if n.startswith("fused_") else (n, c) for n, c in cell_zoo()
+], ids=[n for n, _ in cell_zoo()])
 def test_gradients_match_finite_differences(name, cell, key):
     cell = cells.with_readout(cell, 2)
     params = init_f64(cell, key, I)

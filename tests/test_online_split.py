@@ -217,8 +217,8 @@ def test_undefined_compressed_paths_are_clear_errors(key):
                                                                          inputs=batch.inputs)
 
 
-@pytest.mark.parametrize("name", ["snap1", "eprop", "rflo"])
-@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("name,split", [("snap1", True), ("eprop", False),
+                                        pytest.param("rflo", True, marks=pytest.mark.slow)])
 def test_unit_wise_estimators_refuse_parameters_off_their_unit(name, split):
     """A sparse cell's flat recurrent values whose count is a multiple of N look unit-wise by shape but are not:
     init checks the layout on the example inputs and refuses them (before: wrong gradients, silently)."""

@@ -1,8 +1,8 @@
 """Data-parallel training (jbptt.parallel) on 8 forced CPU devices and across two processes.
 
-JAX fixes its device count when it starts, so the checks run in subprocesses (tests/parallel_worker.py), all three
-started at once: one 8-device process runs every single-process check (and experiments/bench_scaling.py), and two
-2-device processes (gloo collectives on 127.0.0.1) run `jbptt run` as one two-process run and then the library's
+JAX fixes its device count when it starts, so the checks run in subprocesses (tests/parallel_worker.py): one
+8-device process runs every single-process check (and experiments/bench_scaling.py); under ``-m slow`` two
+2-device processes (gloo collectives on 127.0.0.1) also run `jbptt run` as one two-process run and then the library's
 multi-process checks.
 """
 
@@ -70,30 +70,37 @@ def run_all(commands, out):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Runs, all at once: the 8-device worker (which also runs the runner's 4-device reference and the scaling
-    benchmark), and two worker processes of a 2 x 2-device run: each first runs `jbptt run` (process 0 configured
-    by dotted overrides, process 1 by the JAX_* environment variables), then the library checks. Returns the
-    results."""
+    """Runs the 8-device worker (which also runs the runner's 4-device reference and the scaling benchmark).
+    Returns its results, the folder and the tiny runner config."""
     out = tmp_path_factory.mktemp("parallel")
     config = write_config(out / "tiny.yaml", tiny_raw(out / "runs"))
-    common = [sys.executable, WORKER]
-    single = [*common, "single", "--devices", "8", "--out", str(out / "single.json"),
+    single = [sys.executable, WORKER, "single", "--devices", "8", "--out", str(out / "single.json"),
               "--estimators", ",".join(EXACT), "--short", ",".join(SHORT), "--runner-config", config,
               "--runner-dir", str(out / "run4"), "--bench-json", str(out / "scaling.json")]
+    codes, logs = run_all([(single, {})], out)
+    assert codes[0] == 0, logs[0][-4000:]
+    return {"single": json.loads((out / "single.json").read_text()), "dir": out, "config": config}
+
+
+@pytest.fixture(scope="module")
+def multi(results):
+    """Two worker processes of a 2 x 2-device run, started at once: each first runs `jbptt run` (process 0
+    configured by dotted overrides, process 1 by the JAX_* environment variables), then the library checks.
+    Returns process 0's results (the slow tests compare them with the 8-device worker's 4-device references)."""
+    out, config = results["dir"], results["config"]
     port = free_port()
-    multi = [[*common, "multi", "--out", str(out / f"multi{p}.json"), "--short", ",".join(SHORT),
-              "--runner-config", config, "--runner-dir", str(out / f"cli{p}"), "parallel.mode=sharded"]
-             for p in range(2)]
-    multi[0] += ["parallel.num_processes=2", "parallel.process_id=0", f"parallel.coordinator_address=127.0.0.1:{port}"]
+    cmds = [[sys.executable, WORKER, "multi", "--out", str(out / f"multi{p}.json"), "--short", ",".join(SHORT),
+             "--runner-config", config, "--runner-dir", str(out / f"cli{p}"), "parallel.mode=sharded"]
+            for p in range(2)]
+    cmds[0] += ["parallel.num_processes=2", "parallel.process_id=0", f"parallel.coordinator_address=127.0.0.1:{port}"]
     env = [{"JAX_NUM_CPU_DEVICES": "2"},
            {"JAX_NUM_CPU_DEVICES": "2", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
             "JAX_PROCESS_ID": "1"}]
-    codes, logs = run_all([(single, {}), *zip(multi, env, strict=True)], out)
+    codes, logs = run_all(list(zip(cmds, env, strict=True)), out)
     for code, log in zip(codes, logs, strict=True):
         assert code == 0, log[-4000:]
     assert not (out / "multi1.json").exists(), "only process 0 writes results"
-    return {"single": json.loads((out / "single.json").read_text()),
-            "multi": json.loads((out / "multi0.json").read_text()), "dir": out}
+    return json.loads((out / "multi0.json").read_text())
 
 
 @pytest.mark.parametrize("mode", ["pmap", "sharded"])
@@ -121,9 +128,10 @@ def test_ten_steps_identical_across_modes_float32(results, name, mode):
     assert r[mode]["params_abs"] <= 1e-6, r
 
 
+@pytest.mark.slow  # two more JAX processes (the single-process multi-device paths are in the default run)
 @pytest.mark.parametrize("mode", ["pmap", "sharded"])
-def test_two_processes_equal_one_process_with_four_devices(results, mode):
-    single, multi = results["single"], results["multi"]
+def test_two_processes_equal_one_process_with_four_devices(results, multi, mode):
+    single = results["single"]
     assert (multi["process_count"], multi["devices"], multi["local_devices"]) == (2, 4, 2)
     name = SHORT[0]
     ref, got = single["short4"][name][mode], multi["short4"][name][mode]
@@ -133,7 +141,8 @@ def test_two_processes_equal_one_process_with_four_devices(results, mode):
             assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(b[k])), (k, a, b)
 
 
-def test_runner_two_processes_equal_one_process_with_four_devices(results):
+@pytest.mark.slow
+def test_runner_two_processes_equal_one_process_with_four_devices(results, multi):
     """`jbptt run` in two processes (2 CPU devices each): process 0 writes the run, process 1 writes nothing,
     and the logged metrics equal the single-process 4-device run's."""
     out = results["dir"]
@@ -300,6 +309,7 @@ def test_parallel_config_process_keys(tmp_path):
     assert start_processes(cfg(mode="sharded")) is False
 
 
+@pytest.mark.slow  # tbptt's state in the data-parallel layout is in the 8-device worker's checks
 def test_runner_tbptt_with_replay_window_in_parallel_mode(tmp_path):
     """`estimator: tbptt` with k2 > k1 (a replay window of past inputs in its state) trains in the runner, and in
     its parallel path like in the plain one: its init allocates the window from the example inputs."""

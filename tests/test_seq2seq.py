@@ -202,6 +202,7 @@ def _reverse_task(key, n, vocab=6, max_src=5):
     return src, tgt, lengths, lengths + 1
 
 
+@pytest.mark.slow  # learning is shown by configs/translate.yaml; the runner test trains a tiny model
 def test_learns_to_reverse_with_attention():
     vocab, steps, batch = 6, 200, 32
     model = seq2seq(gru(16), gru(16), src_vocab=vocab, tgt_vocab=vocab, bos=BOS, eos=EOS, embed_size=8,

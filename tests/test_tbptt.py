@@ -152,7 +152,8 @@ def test_kk_equals_sum_of_chunk_bptt(name, k):
     assert max_diff(grads, full) > 1e-4  # truncation changes the gradient: the test can fail
 
 
-@pytest.mark.parametrize("name,k1,k2", [("elman", 3, 5), ("lstm", 2, 5), ("elman", 4, 9)])
+@pytest.mark.parametrize("name,k1,k2", [("elman", 3, 5), pytest.param("lstm", 2, 5, marks=pytest.mark.slow),
+                                        ("elman", 4, 9)])
 def test_overlapping_windows_equal_brute_force(name, k1, k2):
     cell, params, batch = make_problem(name)
     ref_loss, ref_grads = brute_force_tbptt(name, k1, k2)
