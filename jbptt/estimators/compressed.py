@@ -98,15 +98,21 @@ def compressed_core(rows: UnitRows, block: Callable | None, *, readout: Callable
             gth, gs = vjp((jnp.zeros_like(s_new), gy))
             grad = gth + compressed_gradient(rows, trace, gs, fs.P)
         ths, tho = theta[:fs.Ps], theta[fs.Ps:]
-        tangents = row_tangents(rows, fs.Ps, theta.dtype)
         _, lin = jax.linearize(lambda th, ss: fs.step_parts(th, tho, ss, x)[0], ths, s)
+        R = rows.idx.shape[0]
         if block is None:
-            new = jax.vmap(lin)(tangents, trace)
+            new = jax.vmap(lin)(row_tangents(rows, fs.Ps, theta.dtype), trace)
         else:
-            m = jax.vmap(lambda t: lin(t, jnp.zeros_like(s)))(tangents)  # [R, n] immediate influence
+            # The immediate influence m[r, c, j] = d s[c, j] / d theta[idx[r, j]] by one vjp per carry component:
+            # every parameter on the layout drives only its own unit (checked by ``check_unit_rows``), so the
+            # gradient of sum_j s[c, j] holds exactly these entries. O(C) passes and O(P) memory, where R jvps
+            # along [R, P] one-hot tangents would cost O(R P).
+            _, pull = jax.vjp(lambda th: fs.step_parts(th, tho, s, x)[0], ths)
+            comps = jnp.repeat(jnp.eye(rows.C, dtype=s.dtype), rows.N, axis=1)  # [C, C*N]
+            g = jax.vmap(lambda e: pull(e)[0])(comps)  # [C, Ps]
+            m = jnp.transpose(g[:, rows.idx], (1, 0, 2)).reshape(R, rows.C * rows.N)
             d_cols = jax.vmap(lambda e: lin(jnp.zeros_like(ths), e))(jnp.eye(fs.n, dtype=s.dtype))  # D^T
             blocks = block(unit_blocks(d_cols.T, rows.C, rows.N), fs, theta, s, x)
-            R = rows.idx.shape[0]
             prop = jnp.einsum("jcd,rdj->rcj", blocks, trace.reshape(R, rows.C, rows.N))
             new = prop.reshape(R, rows.C * rows.N) + m
         if readout is not None:
