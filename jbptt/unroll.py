@@ -88,6 +88,9 @@ def unroll(cell: Cell, params, xs, carry=None, *, seq_lengths=None, resets=None,
         if carry is not None and jax.tree.leaves(carry):
             raise ValueError("unroll: a whole-sequence model (bidirectional) starts from its own initial carry; "
                              "it takes no carry")
+        if scan is not None or reverse:
+            raise ValueError("unroll: a whole-sequence model (bidirectional layers) runs each layer's own scan: "
+                             "scan= (a remat schedule) and reverse= apply to steppable cells only")
         return cell.apply(params, xs, seq_lengths=seq_lengths, resets=resets, unroll=unroll,
                           reverse_mode_only=reverse_mode_only, truncate=truncate)
     B, T = batch_and_time(xs)

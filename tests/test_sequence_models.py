@@ -159,3 +159,16 @@ def test_config_builds_bidirectional_stacks_and_refuses_what_they_cannot_do():
                           ("model.learned_initial_carry=true", "model.learned_initial_carry")):
         with pytest.raises(ConfigError, match=key):
             build(load_config("configs/quickstart.yaml", ["model.bidirectional=true", override]))
+
+
+def test_whole_sequence_models_refuse_a_remat_scan():
+    from jbptt.experiment.build import build
+    from jbptt.experiment.config import ConfigError, load_config
+
+    model = _bilstm(layers=1)
+    params = model.init(jax.random.key(0), I)
+    xs, lengths, _ = _data()
+    with pytest.raises(ValueError, match="remat"):
+        unroll(model, params, xs, seq_lengths=lengths, scan=jax.lax.scan)
+    with pytest.raises(ConfigError, match="remat.policy"):
+        build(load_config("configs/quickstart.yaml", ["model.bidirectional=true", "remat.policy=sqrt"]))

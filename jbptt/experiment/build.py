@@ -141,7 +141,8 @@ def build_cell(cfg: Config, output_size: int, source: str = "<config>") -> Cell 
         raise ConfigError("model.options", f"cell {m.cell!r}: {e}", source) from None
     if any(bi):  # a whole-sequence model: bidirectional layers read the whole sequence
         for key, bad in (("model.dropout", m.dropout > 0), ("model.residual", m.residual),
-                         ("model.learned_initial_carry", m.learned_initial_carry)):
+                         ("model.learned_initial_carry", m.learned_initial_carry),
+                         ("remat.policy", cfg.remat.policy != "none")):
             if bad:
                 raise ConfigError(key, "is not available with model.bidirectional (a stack of bidirectional "
                                   "layers); turn one of them off", source)
