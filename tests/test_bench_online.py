@@ -59,6 +59,7 @@ def _check_sweep(report, labels):
         assert rows[0]["ratios"][labels[0]]["time_naive_over"] > 0
 
 
+@pytest.mark.slow  # the naive RTRL of the script is checked in the default run below
 def test_quick_target_and_sweep(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
     # a basis limit between the quick target's naive basis (95^2 floats) and the smaller one's (52^2)

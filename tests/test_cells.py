@@ -13,10 +13,13 @@ from jbptt.testing import cell_zoo, finite_difference_grad, init_f64, to_f64
 from jbptt.unroll import unroll, with_step_keys
 
 B, T, I = 2, 5, 3
+SLOW_FD = {"elman_irnn", "lru_real", "indrnn", "readout_lstm", "learned_carry_gru", "esn", "flax_lstm"}
+"""Cells whose finite-difference check runs under -m slow only (a cell of each kind stays in the default run)."""
 
 
 @pytest.mark.parametrize("name,cell", [  # the fused cells equal the plain ones (tests/test_fused.py): slow here
-    pytest.param(n, c, marks=pytest.mark.slow) if n.startswith("fused_") else (n, c) for n, c in cell_zoo()
+    pytest.param(n, c, marks=pytest.mark.slow) if n.startswith("fused_") or n in SLOW_FD else (n, c)
+    for n, c in cell_zoo()
 ], ids=[n for n, _ in cell_zoo()])
 def test_gradients_match_finite_differences(name, cell, key):
     cell = cells.with_readout(cell, 2)
