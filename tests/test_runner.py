@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -21,9 +19,7 @@ from jbptt.experiment import rundir
 from jbptt.experiment.build import build_optimizer
 from jbptt.experiment.config import parse_config
 from jbptt.experiment.runner import load_run, train
-from tests.runner_helpers import metrics_without_time, tiny_raw, write_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.runner_helpers import launch, metrics_without_time, tiny_raw, wait_for_step, write_config
 
 
 @register_estimator("test_nan_after")
@@ -70,41 +66,14 @@ def test_same_seed_same_metrics_and_run_folder(tmp_path):
     assert parse_config(saved) == parse_config(_rich_raw(tmp_path))
 
 
-def _launch(cfg_file, run_dir, *extra):
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "jbptt", "run", *extra, "--quiet"]
-        + ([cfg_file, "--run-dir", str(run_dir)] if cfg_file else []),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _wait_for_step(run_dir, proc, step, timeout=120):
-    """Waits until the run logged ``step`` (reading metrics.jsonl) while the process is alive."""
-    t0 = time.monotonic()
-    path = os.path.join(run_dir, "metrics.jsonl")
-    while time.monotonic() - t0 < timeout:
-        assert proc.poll() is None, proc.communicate()
-        if os.path.exists(path):
-            with open(path) as f:
-                steps = [json.loads(line)["step"] for line in f if line.strip()]
-            if steps and max(steps) >= step:
-                return max(steps)
-        time.sleep(0.02)
-    raise AssertionError("the run did not get far enough in time")
-
-
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     """A `jbptt run` killed with SIGKILL part-way and resumed from its last checkpoint logs exactly the metrics of
     the same run done in one go (here in-process)."""
     raw = tiny_raw(tmp_path, training={"steps": 10**6, "checkpoint_every": 37, "eval_every": 50},
                    logging={"log_every": 10})
     run_dir = tmp_path / "killed"
-    proc = _launch(write_config(tmp_path / "c.yaml", raw), run_dir)  # trains "forever"; resumed up to step 300
-    reached = _wait_for_step(run_dir, proc, 40)  # after the first checkpoint (step 37)
+    proc = launch(write_config(tmp_path / "c.yaml", raw), run_dir)  # trains "forever"; resumed up to step 300
+    reached = wait_for_step(run_dir, proc, 40)  # after the first checkpoint (step 37)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
