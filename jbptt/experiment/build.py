@@ -8,7 +8,8 @@ optimizer for the training loop.
 Chunked training (``training.chunk: K``): :func:`build_estimator` builds the estimator with ``stateful=True`` so its
 state (carry, TBPTT window, RTRL influence) crosses the chunks; an estimator without a ``stateful`` option cannot be
 chunked. ``bptt`` chunked is defined: stateful BPTT over each chunk, i.e. TBPTT(K, K). With
-``training.stateful_stream: true`` the chunks come from the task's :class:`Stream` (:data:`STREAMS`).
+``training.stateful_stream: true`` the chunks come from the task's stream (``task.info["stream"]``, e.g.
+:func:`jbptt.tasks.text.stream_chunks`).
 
 Precision. ``model.dtype: float64`` needs JAX's ``jax_enable_x64``, which JAX keeps per thread:
 :func:`precision` is the scoped switch (``jax.enable_x64``) that :func:`~jbptt.experiment.runner.train`, the ESN fit
@@ -26,9 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax import lax
 
 from jbptt import cells, ctc, estimators, fused, losses, remat  # noqa: F401  (estimators: registers them all)
 from jbptt.batch import batch_and_time
@@ -37,7 +36,6 @@ from jbptt.estimator import ESTIMATORS, GradientEstimator, make_estimator
 from jbptt.experiment import translation
 from jbptt.experiment.config import Config, ConfigError
 from jbptt.tasks import Task, make_task, translate
-from jbptt.tasks.text import corpus_splits, lm_batch
 from jbptt.unroll import SequenceModel, bidirectional, sequence_stack
 
 
@@ -325,36 +323,18 @@ class Stream(NamedTuple):
     chunk: Callable
 
 
-def text_stream(task: Task, rows: int, length: int, split: str, dtype: str) -> Stream:
-    """The text corpus of the ``chars`` task as a :class:`Stream`: the split cut into ``rows`` equal streams, chunk
-    ``k`` holding characters ``k * length .. (k + 1) * length`` of each (the batches of
-    :func:`jbptt.tasks.text.text_stream`, as a pure function of ``k``)."""
-    del task
-    ids = corpus_splits()[split]
-    per = (len(ids) - 1) // rows
-    n = (per - 1) // length
-    if n < 1:
-        raise ValueError(f"split {split!r} is too short for {rows} streams of chunks of {length}")
-    data = jnp.asarray(np.stack([ids[b * per:(b + 1) * per] for b in range(rows)]))
-    return Stream(rows, length, n, lambda k: lm_batch(lax.dynamic_slice_in_dim(data, k * length, length + 1, 1),
-                                                     dtype))
-
-
-STREAMS = {"chars": text_stream}
-"""The tasks that provide a stream, by task name: ``stream(task, rows, length, split, dtype) -> Stream``."""
-
-
 def build_stream(cfg: Config, task: Task, split: str, rows: int, source: str = "<config>") -> Stream:
     """The :class:`Stream` of ``split`` in chunks of ``training.chunk`` steps (``training.stateful_stream``).
 
     Raises:
       ConfigError: the task provides no stream, or the split is too short for ``rows`` streams of such chunks.
     """
-    if task.name not in STREAMS:
-        raise ConfigError("training.stateful_stream", f"task {task.name!r} provides no stream; the tasks with one "
-                          f"are {sorted(STREAMS)}", source)
+    stream = task.info.get("stream")
+    if stream is None:
+        raise ConfigError("training.stateful_stream", f"task {task.name!r} provides no stream (no info['stream'], "
+                          "as the chars task has)", source)
     try:
-        return STREAMS[task.name](task, rows, cfg.training.chunk, split, cfg.model.dtype)
+        return Stream(rows, cfg.training.chunk, *stream(rows, cfg.training.chunk, split))
     except ValueError as e:
         raise ConfigError("training.chunk", str(e), source) from None
 

@@ -86,19 +86,19 @@ def chars(seq_len: int = 100, dtype: str = "float32") -> Task:
         lm_metrics,
         "bpc",
         False,
-        {"seq_len": seq_len, "vocab": VOCAB, "split_sizes": {k: len(v) for k, v in data.items()}},
+        {"seq_len": seq_len, "vocab": VOCAB, "split_sizes": {k: len(v) for k, v in data.items()},
+         "stream": functools.partial(stream_chunks, dtype=dtype)},
     )
 
 
-def text_stream(
-    batch_size: int, seq_len: int, split: str = "train", *, dtype="float32", repeat: bool = False
-) -> Iterator[Batch]:
-    """Contiguous segments for stateful training: the split is cut into ``batch_size`` parallel streams and
-    the ``k``-th yielded :class:`~jbptt.Batch` holds characters ``k * seq_len .. (k + 1) * seq_len`` of every
-    stream,     so the final carry of one segment is the right initial carry of the next.
+def stream_chunks(batch_size: int, seq_len: int, split: str = "train", *, dtype="float32"):
+    """The split cut into ``batch_size`` parallel streams, read in consecutive chunks of ``seq_len`` characters: the
+    final carry of chunk ``k`` is the right initial carry of chunk ``k + 1``.
 
-    Yields batches with inputs ``[batch_size, seq_len, 96]`` and targets ``[batch_size, seq_len]``;
-    ``repeat=True`` cycles over the split forever.
+    Returns:
+      ``(n_chunks, chunk)``: the chunks in one pass over the split, and ``chunk(k) -> Batch`` (inputs
+      ``[batch_size, seq_len, 96]``, targets ``[batch_size, seq_len]``) holding characters ``k * seq_len ..
+      (k + 1) * seq_len`` of every stream; ``k`` may be traced (jittable). The chars task's ``info["stream"]``.
     """
     check_split(split)
     ids = corpus_splits()[split]
@@ -106,9 +106,23 @@ def text_stream(
     n_seg = (per - 1) // seq_len
     if n_seg < 1:
         raise ValueError(f"split {split!r} is too short for {batch_size} streams of segments of {seq_len}")
-    rows = np.stack([ids[b * per : (b + 1) * per] for b in range(batch_size)])
+    rows = jnp.asarray(np.stack([ids[b * per : (b + 1) * per] for b in range(batch_size)]))
+    return n_seg, lambda k: lm_batch(jax.lax.dynamic_slice_in_dim(rows, k * seq_len, seq_len + 1, 1), dtype)
+
+
+def text_stream(
+    batch_size: int, seq_len: int, split: str = "train", *, dtype="float32", repeat: bool = False
+) -> Iterator[Batch]:
+    """The chunks of :func:`stream_chunks` one after another, for stateful training over contiguous text (truncated
+    BPTT): the ``k``-th yielded :class:`~jbptt.Batch` holds characters ``k * seq_len .. (k + 1) * seq_len`` of
+    every stream, so the final carry of one segment is the right initial carry of the next.
+
+    Yields batches with inputs ``[batch_size, seq_len, 96]`` and targets ``[batch_size, seq_len]``;
+    ``repeat=True`` cycles over the split forever.
+    """
+    n_seg, chunk = stream_chunks(batch_size, seq_len, split, dtype=dtype)
     while True:
         for k in range(n_seg):
-            yield lm_batch(rows[:, k * seq_len : (k + 1) * seq_len + 1], dtype)
+            yield chunk(k)
         if not repeat:
             return
