@@ -98,7 +98,7 @@ def compressed_core(rows: UnitRows, block: Callable | None, *, readout: Callable
             gth, gs = vjp((jnp.zeros_like(s_new), gy))
             grad = gth + compressed_gradient(rows, trace, gs, fs.P)
         ths, tho = theta[:fs.Ps], theta[fs.Ps:]
-        _, lin = jax.linearize(lambda th, ss: fs.step_parts(th, tho, ss, x)[0], ths, s)
+        s_lin, lin = jax.linearize(lambda th, ss: fs.step_parts(th, tho, ss, x)[0], ths, s)
         R = rows.idx.shape[0]
         if block is None:
             new = jax.vmap(lin)(row_tangents(rows, fs.Ps, theta.dtype), trace)
@@ -116,7 +116,7 @@ def compressed_core(rows: UnitRows, block: Callable | None, *, readout: Callable
             prop = jnp.einsum("jcd,rdj->rcj", blocks, trace.reshape(R, rows.C, rows.N))
             new = prop.reshape(R, rows.C * rows.N) + m
         if readout is not None:
-            s_new = f(theta, s)[0]
+            s_new = s_lin  # the step's new carry, already computed by the linearisation above
             y, vjp = jax.vjp(lambda th, sn: readout(fs.params(th), fs.unravel_carry(sn), x), theta, s_new)
             loss, gy = loss_grad(y)
             gth, gs = vjp(gy)
