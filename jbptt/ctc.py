@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from jbptt.batch import sequence_mask
 from jbptt.losses import WholeSequenceLoss
@@ -56,6 +57,12 @@ class Labels(NamedTuple):
     lengths: jax.Array
 
 
+def padded_labels(targets, blank_id: int = BLANK) -> Labels:
+    """:class:`Labels` of ``targets: [B, L]`` right-padded with the blank: the lengths count the non-blank entries."""
+    targets = jnp.asarray(targets)
+    return Labels(targets, jnp.sum(targets != blank_id, axis=-1).astype(jnp.int32))
+
+
 def ctc_sequence_loss(*, blank_id: int = BLANK, normalize: str = "frames") -> WholeSequenceLoss:
     """The CTC loss as a :class:`~jbptt.losses.WholeSequenceLoss` for the estimators that take one (``bptt``).
 
@@ -77,8 +84,7 @@ def ctc_sequence_loss(*, blank_id: int = BLANK, normalize: str = "frames") -> Wh
 
     def fn(logits, targets, weights):
         if not isinstance(targets, Labels):
-            targets = jnp.asarray(targets)
-            targets = Labels(targets, jnp.sum(targets != blank_id, axis=-1).astype(jnp.int32))
+            targets = padded_labels(targets, blank_id)
         frames = jnp.sum(weights > 0, axis=1).astype(jnp.int32)
         out = ctc_loss(logits, targets.labels, targets.lengths, frames, blank_id=blank_id)
         if normalize == "none":
@@ -308,6 +314,30 @@ def beam_search(logits, seq_lengths=None, *, beam_width: int = 8, blank_id: int 
         prefix, scores[b] = _prefix_beam_search(logp[b, :frames[b]], beam_width, blank_id)
         hyps.append(list(prefix))
     return hyps, scores
+
+
+def edit_distances(ref, ref_lengths, hyp, hyp_lengths):
+    """Levenshtein distances between right-padded integer sequences, jittable.
+
+    Args:
+      ref: ``[B, L]`` references with ``ref_lengths: [B]``.
+      hyp: ``[B, N]`` hypotheses with ``hyp_lengths: [B]`` (e.g. :func:`jbptt.ctc.greedy_decode`).
+
+    Returns:
+      ``[B]`` int32 distances. One dynamic-programming row over the hypothesis per reference item (``L`` unrolled
+      steps): substitutions and deletions elementwise, insertions by a running minimum.
+    """
+    ref, hyp = jnp.asarray(ref), jnp.asarray(hyp)
+    B, N = hyp.shape
+    steps = jnp.arange(N + 1, dtype=jnp.int32)
+    row = jnp.broadcast_to(steps, (B, N + 1))
+    for i in range(ref.shape[1]):
+        diff = (hyp != ref[:, i:i + 1]).astype(jnp.int32)
+        cand = jnp.concatenate([jnp.full((B, 1), i + 1, jnp.int32), jnp.minimum(row[:, 1:] + 1, row[:, :-1] + diff)],
+                               axis=1)
+        new = lax.cummin(cand - steps, axis=1) + steps
+        row = jnp.where((i < jnp.asarray(ref_lengths))[:, None], new, row)
+    return jnp.take_along_axis(row, jnp.asarray(hyp_lengths, jnp.int32)[:, None], axis=1)[:, 0]
 
 
 def edit_distance(ref: Sequence[Hashable], hyp: Sequence[Hashable]) -> int:

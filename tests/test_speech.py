@@ -219,7 +219,7 @@ def test_edit_distances_match_the_reference(key):
     rng = np.random.default_rng(0)
     ref, hyp = rng.integers(1, 4, (40, 5)), rng.integers(1, 4, (40, 8))
     rl, hl = rng.integers(0, 6, 40), rng.integers(0, 9, 40)
-    got = jax.jit(speech.edit_distances)(ref, rl, hyp, hl)
+    got = jax.jit(ctc.edit_distances)(ref, rl, hyp, hl)
     want = [ctc.edit_distance(r[:a].tolist(), h[:b].tolist()) for r, a, h, b in zip(ref, rl, hyp, hl, strict=True)]
     np.testing.assert_array_equal(got, want)
 

@@ -21,10 +21,9 @@ import warnings
 
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jbptt.batch import Batch
-from jbptt.ctc import BLANK, ctc_loss, greedy_decode, required_frames
+from jbptt.ctc import BLANK, ctc_loss, edit_distances, greedy_decode, padded_labels, required_frames
 from jbptt.tasks import SPLITS, Task, audio, cache, check_split, espeak, register_task, take_rows
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -57,32 +56,7 @@ def decode_labels(labels) -> str:
 
 def ctc_labels(batch: Batch):
     """``(labels [B, L], label_lengths [B])`` of a speech batch (labels are right-padded with the blank)."""
-    labels = jnp.asarray(batch.targets)
-    return labels, jnp.sum(labels != BLANK, axis=-1).astype(jnp.int32)
-
-
-def edit_distances(ref, ref_lengths, hyp, hyp_lengths):
-    """Levenshtein distances between right-padded integer sequences, jittable.
-
-    Args:
-      ref: ``[B, L]`` references with ``ref_lengths: [B]``.
-      hyp: ``[B, N]`` hypotheses with ``hyp_lengths: [B]`` (e.g. :func:`jbptt.ctc.greedy_decode`).
-
-    Returns:
-      ``[B]`` int32 distances. One dynamic-programming row over the hypothesis per reference item (``L`` unrolled
-      steps): substitutions and deletions elementwise, insertions by a running minimum.
-    """
-    ref, hyp = jnp.asarray(ref), jnp.asarray(hyp)
-    B, N = hyp.shape
-    steps = jnp.arange(N + 1, dtype=jnp.int32)
-    row = jnp.broadcast_to(steps, (B, N + 1))
-    for i in range(ref.shape[1]):
-        diff = (hyp != ref[:, i:i + 1]).astype(jnp.int32)
-        cand = jnp.concatenate([jnp.full((B, 1), i + 1, jnp.int32), jnp.minimum(row[:, 1:] + 1, row[:, :-1] + diff)],
-                               axis=1)
-        new = lax.cummin(cand - steps, axis=1) + steps
-        row = jnp.where((i < jnp.asarray(ref_lengths))[:, None], new, row)
-    return jnp.take_along_axis(row, jnp.asarray(hyp_lengths, jnp.int32)[:, None], axis=1)[:, 0]
+    return padded_labels(batch.targets)
 
 
 def ctc_metrics(ys, batch: Batch):
