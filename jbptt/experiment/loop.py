@@ -256,36 +256,54 @@ class Outcome(NamedTuple):
     signal: int | None = None
 
 
-def run_steps(sess: Session, state, step: int, progress: rundir.Progress) -> Outcome:
-    """Trains from ``step`` to ``training.steps``: logs, validates, checkpoints; stops early on patience, a
-    non-finite loss (``on_nan: halt``) or SIGINT/SIGTERM (after a checkpoint)."""
+def nonfinite(sess: Session, state, step: int, loss: float, gnorm: float) -> Outcome | None:
+    """The halt of step ``step + 1`` when its loss or gradient is not finite and ``training.on_nan`` is ``halt``
+    (``state``: the state before the step); None otherwise."""
+    if math.isfinite(loss) and math.isfinite(gnorm) or sess.exp.config.training.on_nan != "halt":
+        return None
+    what = "loss" if not math.isfinite(loss) else "gradient"
+    return Outcome("halted_nan", f"non-finite {what} at step {step + 1} (loss {loss}, gradient norm {gnorm}); run "
+                   f"halted, {sess.kept()}", step, state, loss)
+
+
+def after_step(sess: Session, state, step: int, loss: float, gnorm: float) -> Outcome | None:
+    """The bookkeeping after optimizer step ``step``: records and logs the loss, bounds consecutive skipped steps,
+    validates and checkpoints on schedule. Returns the Outcome when the run ends here (a halt or early stopping),
+    else None. The vmapped seeds of :mod:`jbptt.experiment.sweep` run the same bookkeeping per seed."""
     t, lg = sess.exp.config.training, sess.exp.config.logging
+    sess.record(loss, gnorm)
+    last = step == t.steps
+    if step % lg.log_every == 0 or last:
+        sess.log_train(step)
+    if sess.consecutive_skips >= t.max_consecutive_skips:
+        return Outcome("halted_nan", f"{sess.consecutive_skips} consecutive steps skipped for a non-finite loss or "
+                       f"gradient (training.max_consecutive_skips) up to step {step}; run halted, {sess.kept()}",
+                       step, state, loss)
+    stop = (step % t.eval_every == 0 or last) and sess.validate(state, step)
+    if isinstance(stop, str):
+        return Outcome("halted_nan", stop, step, state, loss)
+    if step % t.checkpoint_every == 0 or last or stop:
+        sess.save_last(state)
+    return Outcome("early_stopped", None, step, state, loss) if stop else None
+
+
+def run_steps(sess: Session, state, step: int, progress: rundir.Progress) -> Outcome:
+    """Trains from ``step`` to ``training.steps``: logs, validates, checkpoints (:func:`after_step`); stops early on
+    patience, a non-finite loss (``on_nan: halt``) or SIGINT/SIGTERM (after a checkpoint)."""
+    t = sess.exp.config.training
     loss = float("nan")
     with rundir.Signals() as signals:
         while step < t.steps:
             new_state, m = sess.loop.step(state, jnp.asarray(step, jnp.int32))
             loss, gnorm = (float(x) for x in jax.device_get((m["loss"], m["grad_norm"])))
-            if not (math.isfinite(loss) and math.isfinite(gnorm)) and t.on_nan == "halt":
-                what = "loss" if not math.isfinite(loss) else "gradient"
-                return Outcome("halted_nan", f"non-finite {what} at step {step + 1} (loss {loss}, gradient norm "
-                               f"{gnorm}); run halted, {sess.kept()}", step, state, loss)
+            halt = nonfinite(sess, state, step, loss, gnorm)
+            if halt is not None:
+                return halt
             state, step = new_state, step + 1
-            sess.record(loss, gnorm)
             progress.update(step, loss)
-            last = step == t.steps
-            if step % lg.log_every == 0 or last:
-                sess.log_train(step)
-            if sess.consecutive_skips >= t.max_consecutive_skips:
-                return Outcome("halted_nan", f"{sess.consecutive_skips} consecutive steps skipped for a non-finite "
-                               f"loss or gradient (training.max_consecutive_skips) up to step {step}; run halted, "
-                               f"{sess.kept()}", step, state, loss)
-            stop = (step % t.eval_every == 0 or last) and sess.validate(state, step)
-            if isinstance(stop, str):
-                return Outcome("halted_nan", stop, step, state, loss)
-            if step % t.checkpoint_every == 0 or last or stop:
-                sess.save_last(state)
-            if stop:
-                return Outcome("early_stopped", None, step, state, loss)
+            out = after_step(sess, state, step, loss, gnorm)
+            if out is not None:
+                return out
             if signals.received is not None:
                 sess.save_last(state)
                 name = signal.Signals(signals.received).name

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 import os
 import subprocess
 import sys
@@ -326,18 +325,15 @@ def _train_vmapped(cfgs, run_dirs, source, quiet):
                 new_state, m = step_fn(state, stacked_keys, jnp.asarray(step, jnp.int32))
                 losses, gnorms = (np.asarray(x, np.float64) for x in jax.device_get((m["loss"], m["grad_norm"])))
                 for i, sess in enumerate(sessions):
-                    loss, gnorm = float(losses[i]), float(gnorms[i])
-                    if outcomes[i] is None and not (math.isfinite(loss) and math.isfinite(gnorm)) \
-                            and t.on_nan == "halt":
-                        what = "loss" if not math.isfinite(loss) else "gradient"
-                        outcomes[i] = loop.Outcome("halted_nan", f"non-finite {what} at step {step + 1} (loss "
-                                                   f"{loss}, gradient norm {gnorm}); run halted, {sess.kept()}",
-                                                   step, None, loss)
+                    if outcomes[i] is None:
+                        outcomes[i] = loop.nonfinite(sess, None, step, float(losses[i]), float(gnorms[i]))
                 state, step = new_state, step + 1
                 progress.update(step, float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan"))
                 for i, sess in enumerate(sessions):
                     if outcomes[i] is None:
-                        outcomes[i] = _after_step(sess, state, step, float(losses[i]), float(gnorms[i]))
+                        out = loop.after_step(sess, state, step, float(losses[i]), float(gnorms[i]))
+                        early = out is not None and out.status == "early_stopped"
+                        outcomes[i] = out and out._replace(state=sess.loop.gather(state) if early else None)
                 if signals.received is not None:
                     for i, sess in enumerate(sessions):
                         if outcomes[i] is None:
@@ -355,25 +351,6 @@ def _train_vmapped(cfgs, run_dirs, source, quiet):
     rate = step / max(time.monotonic() - t0, 1e-9)
     return [_summary(sess, out, k, eval_fn, flow, rate)
             for sess, out, k, (flow, _) in zip(sessions, outcomes, keys, flows, strict=True)]
-
-
-def _after_step(sess: loop.Session, state, step: int, loss: float, gnorm: float):
-    """One seed's bookkeeping after a step (as :func:`jbptt.experiment.loop.run_steps`); an Outcome when it ends."""
-    t, lg = sess.exp.config.training, sess.exp.config.logging
-    sess.record(loss, gnorm)
-    last = step == t.steps
-    if step % lg.log_every == 0 or last:
-        sess.log_train(step)
-    if sess.consecutive_skips >= t.max_consecutive_skips:
-        return loop.Outcome("halted_nan", f"{sess.consecutive_skips} consecutive steps skipped for a non-finite "
-                            f"loss or gradient (training.max_consecutive_skips) up to step {step}; run halted, "
-                            f"{sess.kept()}", step, None, loss)
-    stop = (step % t.eval_every == 0 or last) and sess.validate(state, step)
-    if isinstance(stop, str):
-        return loop.Outcome("halted_nan", stop, step, None, loss)
-    if step % t.checkpoint_every == 0 or last or stop:
-        sess.save_last(state)
-    return loop.Outcome("early_stopped", None, step, sess.loop.gather(state), loss) if stop else None
 
 
 def _summary(sess: loop.Session, out, keys, eval_fn, flow, rate: float) -> dict:
