@@ -401,28 +401,37 @@ def train_by_gradient(cfg: Config, run_dir: str | None = None, *, resume: bool =
         progress.close()
         sess.log.close()
 
-    summary = rundir.summary_head(cfg, exp.task, run_dir, out.status, out.step, out.message)
+    host = loop.gather(out.state) if out.status in ("completed", "early_stopped") else None
+    rate = (out.step - first) / max(time.monotonic() - session_t0, 1e-9)
+    return finish(sess, out, host, lambda: make_split_evaluator(exp, "test", jax.random.fold_in(keys.eval, 1),
+                                                                 eval_fn, source), flow, flows, rate)
+
+
+def finish(sess: Session, out: Outcome, host, make_test: Callable, flow, flows: dict, rate: float) -> dict:
+    """Writes the end of a run: ``summary.json`` (final and best val/test metrics after a completed or early-stopped
+    run, whose host-side state is ``host``), the gradient-flow profile at the end, the plots. ``make_test()``
+    builds the test evaluator; ``flows`` holds the profiles so far; ``rate`` is steps per second. Only the main
+    process writes. Returns the summary."""
+    exp, run_dir, book = sess.exp, sess.run_dir, sess.book
+    summary = rundir.summary_head(exp.config, exp.task, run_dir, out.status, out.step, out.message)
     if out.signal is not None:
         summary["signal"] = out.signal
-    if out.status in ("completed", "early_stopped"):  # (after a halt the state may be the failed step's)
-        host = loop.gather(out.state)
-        test = make_split_evaluator(exp, "test", jax.random.fold_in(keys.eval, 1), eval_fn, source)
-        summary["final"] = {"val": evaluate(host.params), "test": test(host.params)}
+    if host is not None:  # (after a halt the state may be the failed step's)
+        test = make_test()
+        summary["final"] = {"val": sess.evaluate(host.params), "test": test(host.params)}
         if int(book["best_step"]) >= 0:
             summary["best"] = {"step": int(book["best_step"]), "val": float(book["best"]),
                                "test": test(sess.best_params)}
-        if flow is not None and main:
+        if flow is not None and sess.main:
             flows["end"] = {"step": out.step, "norms": flow(host.params)}
             rundir.write_json(run_dir, "gradient_flow.json", flows)
-    train_recs = [r for r in (rundir.read_metrics(run_dir) if main else []) if r["split"] == "train"]
+    train_recs = [r for r in (rundir.read_metrics(run_dir) if sess.main else []) if r["split"] == "train"]
     summary.update(train_loss=train_recs[-1]["loss"] if train_recs else None, skipped_steps=int(book["skipped"]),
-                   consecutive_skips=sess.consecutive_skips,
-                   wall_time_s=round(sess.elapsed(), 2),
-                   steps_per_s=round((out.step - first) / max(time.monotonic() - session_t0, 1e-9), 2),
-                   machine=rundir.machine_info())
-    if main:
+                   consecutive_skips=sess.consecutive_skips, wall_time_s=round(sess.elapsed(), 2),
+                   steps_per_s=round(rate, 2), machine=rundir.machine_info())
+    if sess.main:
         rundir.write_json(run_dir, "summary.json", summary)
-        if lg.plots and out.status != "halted_nan":
+        if exp.config.logging.plots and out.status != "halted_nan":
             plots.plot_run(run_dir)
     return summary
 

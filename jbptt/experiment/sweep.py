@@ -47,10 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbptt import checkpoint as ckpt
-from jbptt.experiment import loop, plots, rundir, runner
+from jbptt.experiment import loop, rundir, runner
 from jbptt.experiment.build import build, build_model, precision, run_keys
 from jbptt.experiment.config import Config, ConfigError, load_config, parse_override, read_yaml, to_dict
-from jbptt.experiment.evaluate import make_eval_fn, make_evaluator, make_gradient_flow
+from jbptt.experiment.evaluate import make_eval_fn, make_gradient_flow
 from jbptt.experiment.sweep_report import FINISHED, read_json, record, write_reports
 from jbptt.train import make_train_step
 
@@ -308,7 +308,7 @@ def _train_vmapped(cfgs, run_dirs, source, quiet):
     eval_fn, sessions, flows = make_eval_fn(exp), [], []
     for i, (cfg, k, (_, book, best)) in enumerate(zip(cfgs, keys, templates, strict=True)):
         run_dir = rundir.open_run_dir(cfg, run_dirs[i])
-        evaluate = make_evaluator(exp, "val", t.eval_batch_size, t.eval_batches, k.eval, eval_fn)
+        evaluate = loop.make_split_evaluator(exp, "val", k.eval, eval_fn, source)
         sess = loop.Session(exp, loop.Loop(None, None, _take(i)), run_dir, True, book, best, evaluate,
                             rundir.MetricsLog(run_dir), time.monotonic())
         flow = make_gradient_flow(exp, k.flow, lg.gradient_flow_batch) if lg.gradient_flow else None
@@ -349,35 +349,10 @@ def _train_vmapped(cfgs, run_dirs, source, quiet):
         for sess in sessions:
             sess.log.close()
     rate = step / max(time.monotonic() - t0, 1e-9)
-    return [_summary(sess, out, k, eval_fn, flow, rate)
-            for sess, out, k, (flow, _) in zip(sessions, outcomes, keys, flows, strict=True)]
-
-
-def _summary(sess: loop.Session, out, keys, eval_fn, flow, rate: float) -> dict:
-    """Writes one vmapped seed's ``summary.json`` (the fields :func:`loop.train_by_gradient` writes)."""
-    exp, t = sess.exp, sess.exp.config.training
-    summary = rundir.summary_head(exp.config, exp.task, sess.run_dir, out.status, out.step, out.message)
-    if out.signal is not None:
-        summary["signal"] = out.signal
-    if out.status in ("completed", "early_stopped"):
-        test = make_evaluator(exp, "test", t.eval_batch_size, t.eval_batches, jax.random.fold_in(keys.eval, 1),
-                              eval_fn)
-        summary["final"] = {"val": sess.evaluate(out.state.params), "test": test(out.state.params)}
-        if int(sess.book["best_step"]) >= 0:
-            summary["best"] = {"step": int(sess.book["best_step"]), "val": float(sess.book["best"]),
-                               "test": test(sess.best_params)}
-        if flow is not None:
-            flows = read_json(sess.path("gradient_flow.json")) or {}
-            rundir.write_json(sess.run_dir, "gradient_flow.json",
-                              {**flows, "end": {"step": out.step, "norms": flow(out.state.params)}})
-    train_recs = [r for r in rundir.read_metrics(sess.run_dir) if r["split"] == "train"]
-    summary.update(train_loss=train_recs[-1]["loss"] if train_recs else None,
-                   skipped_steps=int(sess.book["skipped"]), consecutive_skips=sess.consecutive_skips,
-                   wall_time_s=round(sess.elapsed(), 2), steps_per_s=round(rate, 2), machine=rundir.machine_info())
-    rundir.write_json(sess.run_dir, "summary.json", summary)
-    if exp.config.logging.plots and out.status != "halted_nan":
-        plots.plot_run(sess.run_dir)
-    return summary
+    test = lambda k: lambda: loop.make_split_evaluator(exp, "test", jax.random.fold_in(k.eval, 1), eval_fn, source)
+    return [loop.finish(sess, out, out.state if out.status in ("completed", "early_stopped") else None, test(k),
+                        flow, dict(profiles), rate)
+            for sess, out, k, (flow, profiles) in zip(sessions, outcomes, keys, flows, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------------------
