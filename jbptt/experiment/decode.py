@@ -73,14 +73,13 @@ def decode_rows(run_dir: str, n: int = 10, *, split: str = "test", beam: int = 0
         raise ckpt.CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
     with precision(load_config(path).model.dtype):
         cfg, exp, state = load_run(run_dir, checkpoint)
+        params = state if checkpoint == "best" else state.params
         if exp.task.loss == "seq2seq":
-            params = state if checkpoint == "best" else state.params
             return translation.decode_rows(cfg, exp, params, n, split=split, beam=beam, seed=seed)
         if exp.task.loss != "ctc":
             raise ConfigError("task.name", f"decode applies to runs trained with the CTC loss (speech_digits) or "
                               f"the seq2seq loss (translate); this run's task {cfg.task.name!r} uses "
                               f"{exp.task.loss!r} (for character models use `jbptt sample`)", path)
-        params = state if checkpoint == "best" else state.params
         batch = exp.task.sample(jax.random.key(seed), n, split)
         logits, hyps = decode_batch(exp, params, batch, beam=beam)
     vocab, blank = exp.task.info["vocab"], exp.task.info.get("blank", ctc.BLANK)
