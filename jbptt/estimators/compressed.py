@@ -21,7 +21,6 @@ from jbptt.estimators.online import (
     Core,
     FlatStep,
     UnitRows,
-    acting_for,
     check_on_example,
     flat_step,
     online_estimator,
@@ -241,9 +240,8 @@ def eligibility_estimator(name: str, cell: Cell, loss_fn: LossFn, block_for: Cal
         feedback = None if feedback_for is None else feedback_for(rows)
         return compressed_core(rows, block_for(rows), readout=readout, feedback=feedback), compressed_trace0(rows)
 
-    def check(params, carry, inputs):
+    def check(params, carry, inputs, acting):
         check_on_example(name, lambda p, x: check_readout(cell, p, readout, x), params, inputs)
-        acting = acting_for(cell, params, inputs) if split else None
         check_on_example(name, lambda p, x: check_unit_rows(name, cell, p, x, acting), params, inputs)
 
     return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check, split=split)

@@ -27,7 +27,6 @@ from jbptt.estimators.compressed import check_unit_rows, row_tangents, scatter_r
 from jbptt.estimators.online import (
     FlatStep,
     UnitRows,
-    acting_for,
     check_on_example,
     flat_step,
     online_estimator,
@@ -119,9 +118,8 @@ def kfrtrl(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, eps: float = 
 
         return kf_core(rows, eps), trace0
 
-    def check(params, carry, inputs):
+    def check(params, carry, inputs, acting):
         check_on_example("kfrtrl", lambda p, x: check_rank_one(cell, p, x), params, inputs)
-        acting = acting_for(cell, params, inputs) if split else None
         check_on_example("kfrtrl", lambda p, x: check_unit_rows("kfrtrl", cell, p, x, acting), params, inputs)
 
     return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check, split=split)

@@ -308,8 +308,9 @@ def online_estimator(cell: Cell, loss_fn, parts: Callable, *, stateful: bool, ch
         while ``update`` is traced); with ``split``: ``parts(params, acting)`` for the split ``acting``
         (:func:`state_acting`, or ``None`` for none).
       stateful: see :func:`online_segment`.
-      check: optional ``check(params, carry, inputs)`` run by ``init`` before anything is allocated; raises
-        ``ValueError`` where the algorithm does not apply (see :func:`check_on_example`).
+      check: optional ``check(params, carry, inputs, acting)`` run by ``init`` (``acting``: the split, computed once)
+        before anything is allocated; raises ``ValueError`` where the algorithm does not apply (see
+        :func:`check_on_example`).
       split: carry the trace only for the parameters that act on the state (found from the segment inputs'
         shapes); the others get their gradient directly at each step. ``init`` then needs ``inputs=`` when
         ``stateful`` (without it, and not stateful, the state holds the unsplit trace, which ``update`` never reads).
@@ -326,9 +327,9 @@ def online_estimator(cell: Cell, loss_fn, parts: Callable, *, stateful: bool, ch
         if split and stateful and inputs is None:
             raise ValueError("a stateful online estimator with split=True needs inputs= in init (an example segment, "
                              "leaves [B, T, ...]) to find the parameters that act on the state; or split=False")
-        if check is not None:
-            check(params, carry, inputs)
         acting = acting_for(cell, params, inputs) if split else None
+        if check is not None:
+            check(params, carry, inputs, acting)
         return init_state(cell, params, carry, parts_at(params, acting)[1], key, acting)
 
     def update(params, state: OnlineState, batch: Batch):

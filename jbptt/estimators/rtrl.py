@@ -30,7 +30,6 @@ from jbptt.estimator import GradientEstimator, register_estimator
 from jbptt.estimators.compressed import check_unit_structure, compressed_core, compressed_trace0
 from jbptt.estimators.online import (
     DEFAULT_MAX_INFLUENCE_BYTES,
-    acting_for,
     batch_size,
     check_influence_size,
     check_on_example,
@@ -77,8 +76,8 @@ def rtrl(cell: Cell, loss_fn: LossFn, *, mode: str = "jacobian", diagonal: bool 
             return compressed_core(rows, None), compressed_trace0(rows)
         return dense_core(mode), dense_trace0
 
-    def check(params, carry, inputs):
-        B, acting = batch_size(carry), acting_for(cell, params, inputs) if split else None
+    def check(params, carry, inputs, acting):
+        B = batch_size(carry)
         check_influence_size(influence_bytes(cell, params, B, diagonal=diagonal, acting=acting), max_influence_bytes,
                              "diagonal path" if diagonal else f"batch {B} x params x carry")
         if diagonal:

@@ -35,7 +35,6 @@ from jbptt.estimators.online import (
     DEFAULT_MAX_INFLUENCE_BYTES,
     FlatStep,
     OnlineState,
-    acting_for,
     batch_size,
     check_influence_size,
     check_on_example,
@@ -167,8 +166,7 @@ def snap1(cell: Cell, loss_fn: LossFn, *, stateful: bool = False, split: bool = 
         rows = unit_rows(cell, params, acting)
         return compressed_core(rows, lambda blocks, *_: blocks), compressed_trace0(rows)
 
-    def check(params, carry, inputs):
-        acting = acting_for(cell, params, inputs) if split else None
+    def check(params, carry, inputs, acting):
         check_on_example("snap1", lambda p, x: check_unit_rows("snap1", cell, p, x, acting), params, inputs)
 
     return online_estimator(cell, loss_fn, parts, stateful=stateful, check=check, split=split)
